@@ -1,0 +1,74 @@
+"""Model registry: a model is a list of profiling units.
+
+A new ViT family is one small module that registers its models with `@register`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+from latprof.errors import UsageError
+
+
+@dataclass(frozen=True)
+class Unit:
+    """One profiling unit of a model.
+
+    kind "fixed": the cost does not depend on the token count (measured once, at `fixed_tokens`).
+    kind "tokens": the cost is a function of N, every token the unit sees (class + kept + package).
+    Units with the same `shared` key have the same structure and shapes: compiled and measured once.
+    """
+
+    name: str
+    kind: str
+    position: int
+    shared: str
+    fixed_tokens: int | None = None
+
+
+@dataclass
+class ModelSpec:
+    name: str
+    timm_name: str
+    family: str
+    max_tokens: int
+    pruning_locations: tuple[int, ...]
+    units: list[Unit]
+    # build(model_spec) -> (torch model, {shared_key: (module_factory, input_factory)})
+    builder: Callable = field(repr=False, default=None)
+    description: str = ""
+
+    def unit(self, name: str) -> Unit:
+        for u in self.units:
+            if u.name == name:
+                return u
+        raise UsageError(f"model '{self.name}' has no unit '{name}'",
+                         f"choose from {', '.join(u.name for u in self.units)}")
+
+
+_REGISTRY: dict[str, Callable[[], ModelSpec]] = {}
+
+
+def register(name: str):
+    def wrap(fn: Callable[[], ModelSpec]):
+        _REGISTRY[name] = fn
+        return fn
+
+    return wrap
+
+
+def list_models() -> list[str]:
+    _load_families()
+    return sorted(_REGISTRY)
+
+
+def get_model(name: str) -> ModelSpec:
+    _load_families()
+    if name not in _REGISTRY:
+        raise UsageError(f"unknown model '{name}'", f"choose one of: {', '.join(sorted(_REGISTRY))} (see `latprof models`)")
+    return _REGISTRY[name]()
+
+
+def _load_families() -> None:
+    from latprof.models import deit  # noqa: F401  (registers deit_t/s/b)

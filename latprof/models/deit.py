@@ -1,0 +1,76 @@
+"""DeiT (timm's `deit_*_patch16_224`): patch embedding, 12 identical blocks, head.
+
+SPViT inserts token selectors before blocks 3, 6, 9 (0-based): its default pruning locations.
+"""
+
+from __future__ import annotations
+
+from latprof.models import ModelSpec, Unit, register
+
+_DEIT = {
+    "deit_t": ("deit_tiny_patch16_224", 192, 3),
+    "deit_s": ("deit_small_patch16_224", 384, 6),
+    "deit_b": ("deit_base_patch16_224", 768, 12),
+}
+DEPTH = 12
+TOKENS = 197  # 196 patches + class token
+PRUNING_LOCATIONS = (3, 6, 9)
+
+
+def _spec(name: str) -> ModelSpec:
+    timm_name, dim, heads = _DEIT[name]
+    units = [Unit("patch_embed", "fixed", 0, "patch_embed", fixed_tokens=TOKENS)]
+    units += [Unit(f"blocks.{i}", "tokens", i + 1, "block") for i in range(DEPTH)]
+    units.append(Unit("head", "tokens", DEPTH + 1, "head"))
+    return ModelSpec(name=name, timm_name=timm_name, family="deit", max_tokens=TOKENS,
+                     pruning_locations=PRUNING_LOCATIONS, units=units, builder=build,
+                     description=f"timm {timm_name}: dim {dim}, {heads} heads, {DEPTH} blocks")
+
+
+for _name in _DEIT:
+    register(_name)(lambda _n=_name: _spec(_n))
+
+
+def build(spec: ModelSpec):
+    """The timm model and, per shared key, a torch module for that unit.
+
+    Weights are timm's seeded random initialisation: latency does not depend on their values.
+    """
+    import torch
+    from torch import nn
+
+    from latprof.errors import require
+
+    timm = require("timm", "models")
+    torch.manual_seed(0)
+    model = timm.create_model(spec.timm_name, pretrained=False).eval()
+    for block in model.blocks:
+        block.attn.fused_attn = False  # the ONNX exporter has no fused SDPA; the math is the same
+
+    class PatchEmbed(nn.Module):
+        """Image -> tokens: patch projection, class token, position embedding."""
+
+        def __init__(self, vit):
+            super().__init__()
+            self.vit = vit
+
+        def forward(self, x):
+            return self.vit._pos_embed(self.vit.patch_embed(x))
+
+    class Head(nn.Module):
+        """Final norm over all N tokens, class-token pooling, classifier."""
+
+        def __init__(self, vit):
+            super().__init__()
+            self.norm, self.head = vit.norm, vit.head
+
+        def forward(self, x):
+            return self.head(self.norm(x)[:, 0])
+
+    dim = model.embed_dim
+    modules = {
+        "patch_embed": (PatchEmbed(model), lambda n: (1, 3, 224, 224)),
+        "block": (model.blocks[0], lambda n: (1, n, dim)),
+        "head": (Head(model), lambda n: (1, n, dim)),
+    }
+    return model, modules
