@@ -35,6 +35,7 @@ COLUMNS = [
     "engine",     # tvm | onnxruntime
     "tuning",     # e.g. metaschedule:64, untuned, none (onnxruntime)
     "graph",      # content hash of the measured graph; equal hashes were measured once
+    "samples_ms", # every raw sample, space-separated: `latprof check` tests significance against them
 ]
 KINDS = ("fixed", "tokens")
 
@@ -84,6 +85,15 @@ class LutTable:
         rows = self._unit_rows(model, unit).sort_values("tokens")
         return (rows["tokens"].to_numpy(int), rows["median_ms"].to_numpy(float),
                 rows["q1_ms"].to_numpy(float), rows["q3_ms"].to_numpy(float))
+
+    def samples(self, model: str, unit: str, tokens: int) -> np.ndarray:
+        """The raw samples (ms) behind one row."""
+        rows = self._unit_rows(model, unit)
+        row = rows[rows["tokens"] == tokens]
+        if row.empty:
+            raise LutError(f"{model}/{unit} was not measured at {tokens} tokens",
+                           f"measured counts are {sorted(rows['tokens'])}")
+        return np.array([float(v) for v in str(row["samples_ms"].iloc[0]).split()])
 
     def token_range(self, model: str, unit: str) -> tuple[int, int]:
         tokens = self.curve(model, unit)[0]
