@@ -1,0 +1,1 @@
+"""Compilation: ONNX graphs -> TVM Relax modules, tuned with MetaSchedule, cached by content."""

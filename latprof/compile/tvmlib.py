@@ -1,0 +1,186 @@
+"""The one module that imports Apache TVM (0.27, Relax era). TVM's API moves fast: everything latprof
+needs from it goes through the functions here."""
+
+from __future__ import annotations
+
+import functools
+import os
+from pathlib import Path
+
+from latprof.errors import CompileError, DeviceError, require
+
+TVM_PIN = "0.27.0.post1"
+
+
+@functools.lru_cache(maxsize=None)
+def tvm():
+    return require("tvm", "tvm")
+
+
+def version() -> str:
+    return tvm().__version__
+
+
+def host_cpu() -> str:
+    return str(tvm().target.codegen.llvm_get_system_cpu())
+
+
+def target_dict(spec: dict, threads: int) -> dict:
+    """The config's target with `mcpu: native` resolved, and num-cores set to the threads used: the
+    dict form, since this TVM refuses `-mcpu=native` strings."""
+    out = dict(spec)
+    if out.get("mcpu") == "native":
+        out["mcpu"] = host_cpu()
+    if out.get("kind") == "llvm":
+        out.setdefault("num-cores", threads)
+    return out
+
+
+def make_target(spec: dict):
+    try:
+        return tvm().target.Target(spec)
+    except Exception as exc:  # TVM raises its own error types for bad targets
+        raise CompileError(f"TVM refuses target {spec}: {str(exc).splitlines()[-1]}",
+                           "fix the device config's `target` (dict form, e.g. {kind: llvm, mtriple: aarch64-linux-gnu})") from None
+
+
+def import_onnx(path: str | Path):
+    import onnx
+    from tvm.relax.frontend.onnx import from_onnx
+
+    return from_onnx(onnx.load(str(path)), keep_params_in_input=False)
+
+
+def prepare(mod, target, fast_math: bool = True):
+    """Legalize and fuse, as MetaSchedule's task extraction and the final build both expect.
+
+    fast_math swaps erf/exp/softmax for TVM's fast approximations (GELU through erf alone cost 1.3 ms
+    per DeiT-T block here; with fast_erf 13 us). Outputs are still checked against torch."""
+    from tvm import relax
+
+    passes = [relax.transform.DecomposeOpsForInference(), relax.transform.CanonicalizeBindings()]
+    if fast_math:
+        passes.append(relax.transform.FastMathTransform())
+    passes.append(relax.pipeline.zero_pipeline())
+    with target:
+        return tvm().transform.Sequential(passes)(mod)
+
+
+def extract_tasks(mod, target):
+    from tvm.s_tir import meta_schedule as ms
+
+    return ms.relax_integration.extract_tasks(mod, target)
+
+
+def database(work_dir: str | Path):
+    """The persistent tuning database of one device+target (MetaSchedule JSON files)."""
+    from tvm.s_tir import meta_schedule as ms
+
+    work_dir = Path(work_dir)
+    work_dir.mkdir(parents=True, exist_ok=True)
+    return ms.database.JSONDatabase(str(work_dir / "workloads.json"), str(work_dir / "records.json"),
+                                    module_equality="structural")
+
+
+def tune_tasks(tasks, target, work_dir: str | Path, trials_per_task: int, runner=None, seed: int = 0):
+    """Tune extracted tasks into the persistent database at work_dir."""
+    from tvm.s_tir import meta_schedule as ms
+
+    db = database(work_dir)
+    contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
+        tasks, str(Path(work_dir) / "logs"), seed=seed)
+    if not contexts:
+        return db
+    ms.tune.tune_tasks(
+        tasks=contexts, task_weights=weights, work_dir=str(Path(work_dir) / "logs"),
+        max_trials_global=trials_per_task * len(contexts), max_trials_per_task=trials_per_task,
+        num_trials_per_iter=min(64, max(trials_per_task, 1)), database=db,
+        runner=runner or "local", builder="local")
+    return db
+
+
+def tuned_workloads(db) -> set:
+    """Structural hashes of the workloads the database holds a best record for."""
+    return {rec.workload.shash for rec in db.get_all_tuning_records()}
+
+
+def build(mod, target, db=None):
+    """Compile a prepared module; with a database, its tuned schedules are applied first."""
+    from tvm import relax
+    from tvm.s_tir import meta_schedule as ms
+
+    try:
+        if db is not None:
+            return ms.relax_integration.compile_relax(db, mod, target, None)
+        return relax.build(mod, target)
+    except Exception as exc:
+        raise CompileError(f"TVM failed to compile: {str(exc).splitlines()[-1][:300]}",
+                           "report it with the graph in the cache directory") from None
+
+
+def export_library(executable, path: str | Path, cross_compiler: str | None = None) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp.so")
+    kwargs = {}
+    if cross_compiler:
+        from tvm.support import cc  # type: ignore[attr-defined]
+
+        kwargs["fcompile"] = cc.cross_compiler(cross_compiler)
+    executable.export_library(str(tmp), **kwargs)
+    os.replace(tmp, path)
+    return path
+
+
+def rpc_connect(host: str, port: int, threads: int | None = None, cpus: list | None = None,
+                session_timeout: float = 0):
+    from tvm import rpc
+
+    try:
+        sess = rpc.connect(host, port, session_timeout=session_timeout)
+    except Exception as exc:
+        raise DeviceError(f"cannot connect to the TVM RPC server at {host}:{port} ({str(exc).splitlines()[-1][:200]})",
+                          "check that the device is up and its RPC server is running") from None
+    configure_threads(sess, threads, cpus)
+    return sess
+
+
+def configure_threads(sess, threads: int | None, cpus: list | None) -> None:
+    """Pin the server's thread pool: explicit thread count, optional core list (affinity mode -1 = custom)."""
+    if not threads:
+        return
+    config = sess.get_function("runtime.config_threadpool")
+    if cpus:
+        config(-1, threads, [int(c) for c in cpus])
+    else:
+        config(0, threads)
+
+
+def load_remote(sess, lib_path: str | Path):
+    """Upload a compiled library and open a Relax VM on it on the remote device."""
+    from tvm import relax
+
+    lib_path = Path(lib_path)
+    sess.upload(str(lib_path))
+    rlib = sess.load_module(lib_path.name)
+    dev = sess.cpu()
+    return relax.VirtualMachine(rlib, dev), dev
+
+
+def time_vm(sess, vm, dev, inputs: list, warmup: int, repeats: int, number: int, min_repeat_ms: float) -> list[float]:
+    """Raw samples in ms: each is the mean of `number` runs (number 0: enough runs for min_repeat_ms)."""
+    import numpy as np
+
+    args = [tvm().runtime.tensor(np.asarray(x), dev) for x in inputs]
+    for _ in range(max(warmup, 0)):
+        vm["main"](*args)
+    timer = vm.time_evaluator("main", dev, number=max(number, 1), repeat=repeats,
+                              min_repeat_ms=0 if number else int(min_repeat_ms))
+    return [float(t) * 1e3 for t in timer(*args).results]
+
+
+def run_vm(vm, dev, inputs: list):
+    import numpy as np
+
+    out = vm["main"](*[tvm().runtime.tensor(np.asarray(x), dev) for x in inputs])
+    return out.numpy()

@@ -1,0 +1,1 @@
+"""Measurement: compiled graphs timed on a device session; every raw sample appended with provenance."""

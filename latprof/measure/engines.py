@@ -1,0 +1,226 @@
+"""Engines: what turns an exported graph into something timed on the device.
+
+- tvm: TVM Relax, tuned with MetaSchedule, compiled for the device's target, timed over the RPC session.
+- onnxruntime: the same ONNX graph in onnxruntime on this host (the CPU reference, and the deployment
+  runtime of many users); local devices only.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+from latprof.compile import tuning
+from latprof.devices.config import DeviceConfig
+from latprof.errors import CompileError, ConfigError, DeviceError, require
+from latprof.export import Graph
+
+OUTPUT_TOLERANCE = 2e-3  # device output vs onnxruntime (fast-math erf/exp differ by ~1e-5)
+
+_ENGINES: dict[str, type] = {}
+
+
+def register_engine(name: str):
+    def wrap(cls):
+        _ENGINES[name] = cls
+        return cls
+
+    return wrap
+
+
+def get_engine(name: str, cfg: DeviceConfig, workdir: Path, trials: int | None = None):
+    if name not in _ENGINES:
+        raise ConfigError(f"unknown engine '{name}'", f"use one of {', '.join(sorted(_ENGINES))}")
+    return _ENGINES[name](cfg, workdir, trials)
+
+
+def reference_output(graph: Graph, x: np.ndarray) -> np.ndarray:
+    ort = require("onnxruntime", "models")
+    sess = ort.InferenceSession(str(graph.path), providers=["CPUExecutionProvider"])
+    return sess.run(None, {"x": x})[0]
+
+
+@register_engine("onnxruntime")
+class OnnxRuntimeEngine:
+    name = "onnxruntime"
+    needs_session = False
+
+    def __init__(self, cfg: DeviceConfig, workdir: Path, trials: int | None = None):
+        if cfg.transport != "local":
+            raise ConfigError(f"{cfg.source}: engine onnxruntime runs on this host only, device '{cfg.name}' is {cfg.transport}",
+                              "use engine: tvm for remote devices")
+        self.cfg = cfg
+        self.ort = require("onnxruntime", "models")
+
+    def tuning_label(self) -> str:
+        return "none"
+
+    def target_label(self) -> str:
+        return f"onnxruntime-{self.ort.__version__}-cpu"
+
+    def prepare(self, graphs: list[Graph], progress) -> dict[str, str]:
+        return {g.digest: "" for g in graphs}
+
+    def measure(self, session, graph: Graph, artifact: str) -> tuple[list[float], float]:
+        so = self.ort.SessionOptions()
+        so.intra_op_num_threads = self.cfg.threads
+        so.inter_op_num_threads = 1
+        sess = self.ort.InferenceSession(str(graph.path), so, providers=["CPUExecutionProvider"])
+        x = graph.example_input()
+        feed = {"x": x}
+        m = self.cfg.measure
+        for _ in range(m["warmup"]):
+            sess.run(None, feed)
+        number = m["number"]
+        if not number:  # as TVM's time_evaluator: enough runs that one sample lasts min_repeat_ms
+            t0 = time.perf_counter()
+            sess.run(None, feed)
+            number = max(1, int(m["min_repeat_ms"] / 1e3 / max(time.perf_counter() - t0, 1e-6)))
+        samples = []
+        for _ in range(m["repeats"]):
+            t0 = time.perf_counter()
+            for _ in range(number):
+                sess.run(None, feed)
+            samples.append((time.perf_counter() - t0) / number * 1e3)
+        return samples, 0.0
+
+
+@register_engine("tvm")
+class TVMEngine:
+    name = "tvm"
+    needs_session = True
+
+    def __init__(self, cfg: DeviceConfig, workdir: Path, trials: int | None = None):
+        from latprof.compile import tvmlib
+
+        self.tvmlib = tvmlib
+        self.cfg = cfg
+        self.trials = cfg.tuning["trials_per_task"] if trials is None else trials
+        self.target_spec = tvmlib.target_dict(cfg.target, cfg.threads)
+        self.target = tvmlib.make_target(self.target_spec)
+        spec_hash = hashlib.sha256(json.dumps(self.target_spec, sort_keys=True).encode()).hexdigest()[:10]
+        self.workdir = Path(workdir)
+        self.tuning_dir = self.workdir / "tuning" / f"{cfg.name}-{spec_hash}"
+        self.lib_dir = self.workdir / "libs"
+        self._vms: dict[str, tuple] = {}
+
+    def tuning_label(self) -> str:
+        return f"metaschedule:{self.trials}" if self.trials > 0 else "untuned"
+
+    def target_label(self) -> str:
+        return json.dumps(self.target_spec, sort_keys=True)
+
+    # -- compile ----------------------------------------------------------------------------------
+    def _prepared(self, graph: Graph):
+        return self.tvmlib.prepare(self.tvmlib.import_onnx(graph.path), self.target)
+
+    def prepare(self, graphs: list[Graph], progress) -> dict[str, str]:
+        """Tune what is missing (within the budget), then compile every graph; returns lib paths."""
+        prepared = {g.digest: self._prepared(g) for g in graphs}
+        db = tuning.TuningDB(self.tuning_dir) if self.trials > 0 else None
+        if db is not None:
+            self._tune(graphs, prepared, db, progress)
+        libs = {}
+        bar = progress(total=len(graphs), desc="compile", unit="graph")
+        for g in graphs:
+            libs[g.digest] = str(self._compile(g, prepared[g.digest], db))
+            bar.update(1)
+        bar.close()
+        return libs
+
+    def _tune(self, graphs, prepared, db, progress) -> None:
+        tasks_at = {g.tokens: [] for g in graphs}
+        by_graph = {}
+        for g in graphs:
+            tasks = [t for t in self.tvmlib.extract_tasks(prepared[g.digest], self.target) if tuning.is_heavy(t.task_name)]
+            by_graph[g.digest] = tasks
+            tasks_at[g.tokens].extend((g, t) for t in tasks)
+        anchor_ns = set(tuning.anchors(list(tasks_at)))
+        todo, seen = [], set()
+        for n in sorted(anchor_ns):
+            for g, t in tasks_at[n]:
+                key = tuning.task_key(t)
+                if key not in seen and db.trials(key) < self.trials:
+                    seen.add(key)
+                    todo.append((key, t))
+        if todo:
+            bar = progress(total=len(todo), desc=f"tune ({self.trials} trials/task)", unit="task")
+            deadline = time.monotonic() + self.cfg.tuning["max_minutes"] * 60
+            for key, task in todo:  # one task at a time: progress, a time budget, and resumable
+                if time.monotonic() > deadline:
+                    bar.write(f"tuning budget of {self.cfg.tuning['max_minutes']} min spent; "
+                              f"{len(todo) - bar.n} tasks keep their best schedule so far")
+                    break
+                try:
+                    self.tvmlib.tune_tasks([task], self.target, self.tuning_dir, self.trials,
+                                           runner=self._runner())
+                except Exception as exc:
+                    raise CompileError(f"MetaSchedule failed on task {task.task_name}: {str(exc).splitlines()[-1][:200]}",
+                                       "check apache-tvm-ffi<0.1.15 and that psutil, cloudpickle, tornado, xgboost are installed") from None
+                db.record(key, trials=self.trials, name=task.task_name, tuned_at=task.dispatched and "anchor")
+                db.save()
+                bar.update(1)
+            bar.close()
+            db.db = self.tvmlib.database(self.tuning_dir)  # re-read what the tuner wrote
+        # every other N replays the nearest anchor's schedule of the same task
+        for g in graphs:
+            if g.tokens in anchor_ns:
+                continue
+            nearest = min(anchor_ns, key=lambda a: abs(a - g.tokens))
+            sources = {t.task_name: t for gg, t in tasks_at[nearest] if gg.shared == g.shared}
+            for t in by_graph[g.digest]:
+                key = tuning.task_key(t)
+                if db.trials(key) >= self.trials or t.task_name not in sources:
+                    continue
+                if tuning.transfer(db.db, sources[t.task_name], t, self.target):
+                    db.record(key, trials=self.trials, name=t.task_name, transferred_from=nearest)
+            db.save()
+
+    def _runner(self):
+        return "local"
+
+    def _compile(self, graph: Graph, mod, db) -> Path:
+        fingerprint = "untuned"
+        if db is not None:
+            recs = []
+            for t in self.tvmlib.extract_tasks(mod, self.target):
+                rec = db.db.query_tuning_record(t.dispatched[0], self.target, "main")
+                recs.append(str(rec.trace) if rec is not None else "-")
+            fingerprint = hashlib.sha256("\n".join(recs).encode()).hexdigest()
+        key = hashlib.sha256("|".join([graph.digest, self.target_label(), self.tvmlib.version(), fingerprint,
+                                        self.cfg.cross_compiler or ""]).encode()).hexdigest()[:24]
+        path = self.lib_dir / f"{key}.so"
+        if path.exists():
+            return path  # content-addressed: a rerun compiles nothing
+        ex = self.tvmlib.build(mod, self.target, db.db if db is not None else None)
+        return self.tvmlib.export_library(ex, path, self.cfg.cross_compiler)
+
+    # -- measure ----------------------------------------------------------------------------------
+    def measure(self, session, graph: Graph, artifact: str) -> tuple[list[float], float]:
+        """Samples (ms) and the max abs error of the device's output against onnxruntime."""
+        m = self.cfg.measure
+        try:
+            if artifact not in self._vms:
+                self._vms[artifact] = self.tvmlib.load_remote(session.rpc, artifact)
+            vm, dev = self._vms[artifact]
+            x = graph.example_input()
+            out = self.tvmlib.run_vm(vm, dev, [x])
+            samples = self.tvmlib.time_vm(session.rpc, vm, dev, [x], m["warmup"], m["repeats"], m["number"],
+                                          m["min_repeat_ms"])
+        except Exception as exc:
+            if isinstance(exc, (KeyboardInterrupt, CompileError)):
+                raise
+            raise DeviceError(f"device '{self.cfg.name}' failed while measuring ({str(exc).splitlines()[-1][:160]})",
+                              "check the device and run the same command again: measured points are kept and skipped") from None
+        err = float(np.abs(out - reference_output(graph, x)).max())
+        if not np.isfinite(err) or err > OUTPUT_TOLERANCE:
+            raise CompileError(f"{graph.model}/{graph.shared} at N={graph.tokens}: device output differs from onnxruntime by {err:.2e}",
+                               "the compiled module is wrong; remove its tuning records or report it")
+        return samples, err
+
+    def reset(self) -> None:
+        self._vms.clear()

@@ -1,0 +1,198 @@
+"""`latprof measure`: model -> graphs -> compiled modules -> timed on the device -> raw samples.
+
+Points are measured in a seeded shuffled order (so drift cannot look like a trend over N), a reference
+point is re-measured every few points to detect thermal or frequency drift, and every point is appended
+to the sample store as soon as it is measured. The same command resumes where a run stopped.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import latprof
+from latprof.devices import load_config, open_session
+from latprof.devices.config import DeviceConfig
+from latprof.errors import DeviceError, UsageError
+from latprof.export import Graph, export_unit
+from latprof.lut.table import atomic_write_text
+from latprof.measure.engines import get_engine
+from latprof.measure.samples import SampleStore, point_key
+from latprof.models import ModelSpec, get_model
+from latprof.progress import bar_factory
+
+DEFAULT_GRID = (1, 9, 17, 25, 33, 49, 65, 81, 97, 113, 129, 145, 161, 177, 197)
+
+
+def default_workdir() -> Path:
+    return Path(os.environ.get("LATPROF_HOME", "latprof-work"))
+
+
+def parse_tokens(text: str | None, spec: ModelSpec) -> list[int]:
+    if not text:
+        return [n for n in DEFAULT_GRID if n <= spec.max_tokens]
+    try:
+        values = sorted({int(v) for v in text.split(",") if v.strip()})
+    except ValueError:
+        raise UsageError(f"bad token counts '{text}'", "give comma-separated integers, e.g. --tokens 197,150,99") from None
+    if not values or values[0] < 1 or values[-1] > spec.max_tokens:
+        raise UsageError(f"token counts {values} must lie within 1..{spec.max_tokens} for {spec.name}",
+                         f"N counts the class token too, so {spec.max_tokens} is the dense model")
+    return values
+
+
+@dataclass
+class MeasureResult:
+    device: str
+    model: str
+    engine: str
+    measured: int
+    skipped: int
+    store: Path
+    drift: float | None
+
+
+def export_graphs(spec: ModelSpec, tokens: list[int], workdir: Path, progress) -> list[Graph]:
+    """One graph per (shared unit, N); fixed units at their own N. Cached by an index so a warm run
+    does not rebuild the torch model."""
+    wanted = []
+    for shared in dict.fromkeys(u.shared for u in spec.units):
+        unit = next(u for u in spec.units if u.shared == shared)
+        for n in ([unit.fixed_tokens] if unit.kind == "fixed" else tokens):
+            wanted.append((shared, n))
+    graph_dir = workdir / "graphs"
+    index_path = graph_dir / "index.json"
+    index = json.loads(index_path.read_text()) if index_path.exists() else {}
+    versions = _versions()
+    graphs, missing = [], []
+    for shared, n in wanted:
+        entry = index.get(f"{spec.name}|{shared}|{n}|{versions}")
+        if entry and (graph_dir / f"{entry['digest']}.onnx").exists():
+            graphs.append(Graph(spec.name, shared, n, graph_dir / f"{entry['digest']}.onnx", entry["digest"],
+                                tuple(entry["shape"]), entry["err"]))
+        else:
+            missing.append((shared, n))
+    if missing:
+        _, modules = spec.builder(spec)
+        bar = progress(total=len(missing), desc="export+check", unit="graph")
+        for shared, n in missing:
+            module, shape = modules[shared]
+            g = export_unit(module, shape(n), graph_dir, spec.name, shared, n)
+            index[f"{spec.name}|{shared}|{n}|{versions}"] = {"digest": g.digest, "shape": list(g.input_shape),
+                                                             "err": g.ort_max_abs_err}
+            graphs.append(g)
+            bar.update(1)
+        bar.close()
+        atomic_write_text(index_path, json.dumps(index, indent=1, sort_keys=True))
+    return graphs
+
+
+def _versions() -> str:
+    import importlib.metadata as md
+
+    parts = []
+    for pkg in ("torch", "timm", "onnx"):
+        try:
+            parts.append(f"{pkg}={md.version(pkg)}")
+        except md.PackageNotFoundError:
+            parts.append(f"{pkg}=none")
+    return ",".join(parts + [f"latprof={latprof.__version__}"])
+
+
+def store_path(workdir: Path, device: str) -> Path:
+    return workdir / "samples" / f"{device}.jsonl"
+
+
+def measure(device: str | DeviceConfig, model: str, tokens: str | list[int] | None = None,
+            engine: str | None = None, workdir: Path | None = None, trials: int | None = None,
+            progress: bool = True, seed: int = 0, echo=print) -> MeasureResult:
+    cfg = device if isinstance(device, DeviceConfig) else load_config(device)
+    spec = get_model(model)
+    grid = tokens if isinstance(tokens, list) else parse_tokens(tokens, spec)
+    workdir = Path(workdir or default_workdir())
+    bars = bar_factory(progress)
+    eng = get_engine(engine or cfg.engine, cfg, workdir, trials)
+    graphs = export_graphs(spec, grid, workdir, bars)
+    store = SampleStore(store_path(workdir, cfg.name))
+    provenance = {
+        "device": cfg.name, "engine": eng.name, "tuning": eng.tuning_label(), "target": eng.target_label(),
+        "settings": cfg.settings(), "emulated": cfg.emulated, "transport": cfg.transport,
+    }
+    keys = {g.digest: point_key(graph=g.digest, **provenance) for g in graphs}
+    done = store.done_keys()
+    todo = [g for g in graphs if keys[g.digest] not in done]
+    skipped = len(graphs) - len(todo)
+    if skipped:
+        echo(f"resuming: {skipped} of {len(graphs)} points already measured in {store.path}")
+    if not todo:
+        return MeasureResult(cfg.name, spec.name, eng.name, 0, skipped, store.path, None)
+    artifacts = eng.prepare(todo, bars)
+    random.Random(seed).shuffle(todo)
+    reference = max(graphs, key=lambda g: (g.shared != "patch_embed", g.tokens))
+    versions = {"latprof": latprof.__version__, "tvm": _tvm_version(), "packages": _versions()}
+    every = cfg.measure["reference_every"]
+    ref_medians: list[float] = []
+
+    def record(g: Graph, samples: list[float], err: float, info: dict, is_ref: bool) -> None:
+        store.append({
+            "key": keys[g.digest], "reference": is_ref, "model": spec.name, "unit": g.shared, "tokens": g.tokens,
+            "graph": g.digest, "samples_ms": [round(s, 6) for s in samples], "max_abs_err": err,
+            "time": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), "info": info,
+            **provenance, **versions,
+        })
+
+    measured = 0
+    session_cm = open_session(cfg) if eng.needs_session else None
+    session = session_cm.__enter__() if session_cm else None
+    try:
+        info = session.info() if session else _local_info()
+        ref_artifacts = artifacts if reference.digest in artifacts else {**artifacts, **eng.prepare([reference], bars)}
+        bar = bars(total=len(todo), desc=f"measure {spec.name} on {cfg.name} ({eng.name})", unit="point")
+        for i, g in enumerate(todo):
+            if every and i % every == 0:
+                rs, rerr = eng.measure(session, reference, ref_artifacts[reference.digest])
+                ref_medians.append(_median(rs))
+                record(reference, rs, rerr, info, True)
+            samples, err = eng.measure(session, g, artifacts[g.digest])
+            record(g, samples, err, info, False)
+            measured += 1
+            bar.update(1)
+            if cfg.measure["cooldown_s"]:
+                time.sleep(cfg.measure["cooldown_s"])
+        bar.close()
+    except DeviceError as exc:
+        raise DeviceError(f"{exc.message}; {measured} points measured in this run are kept in {store.path}",
+                          exc.fix) from None
+    finally:
+        if session_cm:
+            session_cm.__exit__(None, None, None)
+    drift = (max(ref_medians) / min(ref_medians) - 1) if len(ref_medians) > 1 else None
+    if drift is not None and drift > cfg.measure["drift_tolerance"]:
+        echo(f"warning: the reference point drifted by {drift:.1%} during the run (thermal or frequency change?); "
+             "it is recorded in the table's provenance")
+    return MeasureResult(cfg.name, spec.name, eng.name, measured, skipped, store.path, drift)
+
+
+def _median(xs: list[float]) -> float:
+    s = sorted(xs)
+    return s[len(s) // 2] if len(s) % 2 else 0.5 * (s[len(s) // 2 - 1] + s[len(s) // 2])
+
+
+def _tvm_version() -> str | None:
+    import importlib.metadata as md
+
+    try:
+        return md.version("apache-tvm")
+    except md.PackageNotFoundError:
+        return None
+
+
+def _local_info() -> dict:
+    from latprof.devices.local import host_info
+
+    return host_info()
