@@ -23,10 +23,10 @@ def _p(v: float) -> str:
 
 def _rows(result: CheckResult) -> list[list[str]]:
     rows = []
-    pts = sorted(result.points, key=lambda p: (_ORDER[p.verdict.status], p.model, p.tokens))
+    pts = sorted(result.points, key=lambda p: _ORDER[p.verdict.status])  # stable: network order within a status
     for p in pts:
         v = p.verdict
-        note = f"+{v.repeats_needed - min(v.n_baseline, v.n_candidate)} repeats" if v.repeats_needed else ""
+        note = f"~{v.repeats_needed} repeats/side would decide" if v.repeats_needed else ""
         rows.append([
             _MARK[v.status], p.model, p.label, str(p.tokens), f"{v.baseline_ms:.4g}", f"{v.candidate_ms:.4g}",
             f"{v.change_pct:+.1f}%", f"{v.ci_low:.3f}..{v.ci_high:.3f}", _p(v.p_adjusted) if v.method == "mann-whitney" else "ci",

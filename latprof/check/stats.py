@@ -291,8 +291,11 @@ def _repeats_needed(point: _Point, tolerance: Tolerance, alpha_point: float) -> 
     n_now = 2.0 / (1.0 / len(point.base) + 1.0 / len(point.cand))  # harmonic mean of the two sizes
     delta = math.log(tolerance.upper_ratio(point.base_stat))
     z = _NORMAL.inv_cdf(1 - alpha_point / 2) + _NORMAL.inv_cdf(POWER)
-    se = point.log_se if point.log_se > 0 else float(np.std(np.log(np.r_[point.base, point.cand]), ddof=1)) / math.sqrt(n_now)
-    needed = n_now * (z * se / delta) ** 2
+    # the bootstrap underestimates the spread of a median of few samples: take the larger of its
+    # estimate and the large-sample one (var of a median ~ pi/2 * sigma^2 / n, sigma from each side's MAD)
+    sig = [1.4826 * float(np.median(np.abs(v - np.median(v)))) for v in (np.log(point.base), np.log(point.cand))]
+    analytic = math.pi / 2 * (sig[0] ** 2 + sig[1] ** 2) * (z / delta) ** 2
+    needed = max(n_now * (z * point.log_se / delta) ** 2, analytic)
     return int(max(math.ceil(needed), math.ceil(n_now) + 1))
 
 
