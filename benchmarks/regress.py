@@ -1,0 +1,187 @@
+"""How often does `latprof check` raise a false alarm, and how often does it catch a real slowdown?
+
+Real noise, measured on this machine: a DeiT-T-sized transformer block in numpy (single BLAS thread),
+timed at a few token counts. The measurement is organised in *runs*, one after another in time; inside
+a run every point is measured in rounds, and each round times four variants in rotating order:
+
+    A   the block                      A2  the block again (a second "nothing changed" series)
+    S5  the block + 5% busy work        S10 the block + 10% busy work
+
+The injected slowdown is REAL extra work inside the timed region: a busy-wait loop whose length is
+5% / 10% of the block's median time, calibrated once before the runs. (`--also-scaled` additionally
+reports the same trials with the candidate's samples multiplied by 1.05 / 1.10, which isolates the
+statistics from the calibration.)
+
+Trials, each one complete `latprof check` run over every token count:
+  sequential:  baseline = A of run i, candidate = A2 / S5 / S10 of run i+lag (measured later, so drift
+               between runs is in the data)
+  interleaved: baseline = A of run i, candidate = A2 / S5 / S10 of the same run (what --interleave does)
+
+A false alarm is a trial with nothing changed (A vs A2) that reports any regression (rate per check
+run, with the 95% Wilson upper bound); detection is the share of slowed points reported as a
+regression (every point of an S5/S10 trial is slowed). "noisy" is the share of unchanged points that
+the check could not decide.
+
+    python benchmarks/regress.py                   # ~1-2 minutes on 2 cores
+    python benchmarks/regress.py --runs 300 --repeats 30
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("MKL_NUM_THREADS", "1")
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import math  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import numpy as np  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from latprof.check import stats  # noqa: E402
+
+DIM, HEADS, MLP = 192, 3, 768  # DeiT-T
+
+
+def make_block(tokens: int, rng):
+    w = {k: rng.standard_normal(s).astype(np.float32) * 0.05 for k, s in
+         {"qkv": (DIM, 3 * DIM), "proj": (DIM, DIM), "fc1": (DIM, MLP), "fc2": (MLP, DIM)}.items()}
+    x = rng.standard_normal((tokens, DIM)).astype(np.float32)
+
+    def block():
+        h = x - x.mean(-1, keepdims=True)
+        qkv = (h @ w["qkv"]).reshape(tokens, 3, HEADS, DIM // HEADS).transpose(1, 2, 0, 3)
+        a = qkv[0] @ qkv[1].transpose(0, 2, 1)
+        a = np.exp(a - a.max(-1, keepdims=True))
+        a /= a.sum(-1, keepdims=True)
+        o = (a @ qkv[2]).transpose(1, 0, 2).reshape(tokens, DIM) @ w["proj"]
+        y = x + o
+        m = np.maximum(y @ w["fc1"], 0) @ w["fc2"]
+        return y + m
+
+    return block
+
+
+def busy(seconds: float) -> None:
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        pass
+
+
+def timed(fn, extra_s: float, number: int) -> float:
+    """One sample: mean time (ms) of `number` calls, like TVM's time_evaluator(number=...)."""
+    t0 = time.perf_counter()
+    for _ in range(number):
+        fn()
+        if extra_s:
+            busy(extra_s)
+    return (time.perf_counter() - t0) / number * 1e3
+
+
+def collect(tokens, runs, repeats, number, seed=0):
+    rng = np.random.default_rng(seed)
+    blocks = {t: make_block(t, rng) for t in tokens}
+    for fn in blocks.values():  # warm up
+        for _ in range(20):
+            fn()
+    base_ms = {t: float(np.median([timed(blocks[t], 0, number) for _ in range(30)])) for t in tokens}
+    variants = {"A": 0.0, "A2": 0.0, "S5": 0.05, "S10": 0.10}
+    data = {v: np.zeros((runs, len(tokens), repeats)) for v in variants}
+    names = list(variants)
+    t0 = time.time()
+    for r in range(runs):
+        order = rng.permutation(len(tokens))  # shuffle points within a run
+        for ti in order:
+            t = tokens[ti]
+            for k in range(repeats):
+                rot = names[k % 4:] + names[:k % 4]
+                for v in rot:
+                    data[v][r, ti, k] = timed(blocks[t], variants[v] * base_ms[t] / 1e3, number)
+    return data, base_ms, time.time() - t0
+
+
+def trial_rates(data, pairs, tolerance, alpha, scale=None, cand="A2"):
+    """Fraction of trials with any regression (per check run) and fraction of points flagged."""
+    runs_alarm, points_flag, points_total, noisy = 0, 0, 0, 0
+    for i, j in pairs:
+        base = data["A"][i]
+        c = data[cand][j] * (scale or 1.0)
+        verdicts = stats.compare_many(list(zip(base, c)), tolerance, alpha, seed=i * 7919 + j, resamples=200)
+        flags = [v.status == stats.REGRESSION for v in verdicts]
+        runs_alarm += any(flags)
+        points_flag += sum(flags)
+        points_total += len(flags)
+        noisy += sum(v.status == stats.NOISY for v in verdicts)
+    return runs_alarm / len(pairs), points_flag / points_total, noisy / points_total
+
+
+def wilson_upper(k, n, z=1.96):
+    if n == 0:
+        return float("nan")
+    p = k / n
+    return (p + z * z / (2 * n) + z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))) / (1 + z * z / n)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--tokens", default="50,100,197")
+    ap.add_argument("--runs", type=int, default=120)
+    ap.add_argument("--repeats", type=int, default=30, help="samples per point per side")
+    ap.add_argument("--number", type=int, default=1, help="calls averaged into one sample")
+    ap.add_argument("--tolerances", default="median:2%,median:3%,median:5%")
+    ap.add_argument("--alpha", type=float, default=0.01)
+    ap.add_argument("--lag", type=int, default=1, help="runs between baseline and candidate (sequential)")
+    ap.add_argument("--also-scaled", action="store_true")
+    ap.add_argument("--json", help="write the figures here")
+    args = ap.parse_args(argv)
+    tokens = [int(t) for t in args.tokens.split(",")]
+    data, base_ms, secs = collect(tokens, args.runs, args.repeats, args.number)
+    runs = args.runs
+    seq = [(i, i + args.lag) for i in range(runs - args.lag)]
+    inter = [(i, i) for i in range(runs)]
+    print(f"measured {runs} runs x {len(tokens)} token counts x {args.repeats} repeats x 4 variants in {secs:.0f}s; "
+          f"block medians {', '.join(f'{t} tok {m:.3f} ms' for t, m in base_ms.items())}")
+    # how much real noise is there? run-to-run drift of the median, and the injected slowdowns as measured
+    med = {v: np.median(d, axis=2) for v, d in data.items()}
+    drift = np.abs(med["A"][1:] / med["A"][:-1] - 1)
+    print(f"run-to-run drift of a point's median (A vs A of the next run): median {np.median(drift) * 100:.1f}%, "
+          f"95th pct {np.quantile(drift, .95) * 100:.1f}%, max {drift.max() * 100:.1f}%")
+    for v in ("A2", "S5", "S10"):
+        print(f"  measured {v}/A ratio of medians within a run: {np.median(med[v] / med['A']):.3f}")
+    print(f"\ncheck runs of {len(tokens)} points each, alpha {args.alpha}; false alarm = any regression when nothing "
+          "changed (per check run); detection = share of slowed points flagged (and of runs flagging any)")
+    rows = []
+    header = f"{'tolerance':<12} {'order':<12} {'trials':>6} {'false alarm':>12} {'(95% upper)':>11} {'detect 5%':>10} {'detect 10%':>11} {'noisy (null)':>12}"
+    for label, inj in [("busy-work", None)] + ([("scaled", 1)] if args.also_scaled else []):
+        print(f"\ninjection: {label}\n{header}")
+        for tol in args.tolerances.split(","):
+            for order, pairs in (("sequential", seq), ("interleaved", inter)):
+                fa_run, _, noisy = trial_rates(data, pairs, tol, args.alpha)
+                if inj:
+                    d5 = trial_rates(data, pairs, tol, args.alpha, scale=1.05)
+                    d10 = trial_rates(data, pairs, tol, args.alpha, scale=1.10)
+                else:
+                    d5 = trial_rates(data, pairs, tol, args.alpha, cand="S5")
+                    d10 = trial_rates(data, pairs, tol, args.alpha, cand="S10")
+                k = round(fa_run * len(pairs))
+                row = {"injection": label, "tolerance": tol, "order": order, "trials": len(pairs),
+                       "false_alarm_per_run": fa_run, "false_alarm_upper95": wilson_upper(k, len(pairs)),
+                       "detect5_points": d5[1], "detect5_runs": d5[0], "detect10_points": d10[1],
+                       "detect10_runs": d10[0], "noisy_null_points": noisy}
+                rows.append(row)
+                print(f"{tol:<12} {order:<12} {len(pairs):>6} {fa_run * 100:>11.1f}% {row['false_alarm_upper95'] * 100:>10.1f}% "
+                      f"{d5[1] * 100:>9.1f}% {d10[1] * 100:>10.1f}% {noisy * 100:>11.1f}%")
+    print("\ntargets: false alarms <= 1%, detect 10% >= 95%, detect 5% >= 80%")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"base_ms": base_ms, "rows": rows, "args": vars(args)}, indent=2))
+    return rows
+
+
+if __name__ == "__main__":
+    main()
