@@ -133,14 +133,23 @@ def export_library(executable, path: str | Path, cross_compiler: str | None = No
 
 
 def rpc_connect(host: str, port: int, threads: int | None = None, cpus: list | None = None,
-                session_timeout: float = 0):
+                session_timeout: float = 0, retry_s: float = 30.0):
+    """Connect, retrying while the server is still coming up: TVM's server logs "bind to" before it
+    calls listen(), so a connect right after that line can be refused on a busy machine."""
+    import time
+
     from tvm import rpc
 
-    try:
-        sess = rpc.connect(host, port, session_timeout=session_timeout)
-    except Exception as exc:
-        raise DeviceError(f"cannot connect to the TVM RPC server at {host}:{port} ({str(exc).splitlines()[-1][:200]})",
-                          "check that the device is up and its RPC server is running") from None
+    deadline = time.monotonic() + retry_s
+    while True:
+        try:
+            sess = rpc.connect(host, port, session_timeout=session_timeout)
+            break
+        except Exception as exc:
+            if time.monotonic() > deadline:
+                raise DeviceError(f"cannot connect to the TVM RPC server at {host}:{port} ({str(exc).splitlines()[-1][:200]})",
+                                  "check that the device is up and its RPC server is running") from None
+            time.sleep(0.2)
     configure_threads(sess, threads, cpus)
     return sess
 

@@ -8,8 +8,8 @@ import platform
 
 from latprof.devices import register_transport
 from latprof.devices.config import DeviceConfig
-from latprof.devices.rpcserver import ServerProcess, server_argv
-from latprof.errors import ConfigError
+from latprof.devices.rpcserver import ServerProcess, free_port, server_argv
+from latprof.errors import ConfigError, DeviceError
 
 
 def host_info() -> dict:
@@ -39,9 +39,13 @@ class LocalSession:
         from latprof.compile import tvmlib
 
         env = {"TVM_NUM_THREADS": str(cfg.threads)}
-        self.server = ServerProcess(server_argv(port=cfg.connection.get("port", 9090)), env=env)
+        port = cfg.connection.get("port") or free_port()
+        self.server = ServerProcess(server_argv(port=port, port_end=port + 100), env=env)
         try:
             self.rpc = tvmlib.rpc_connect("127.0.0.1", self.server.port, threads=cfg.threads, cpus=cfg.cpus)
+        except DeviceError as exc:
+            self.server.stop()
+            raise DeviceError(f"{exc.message}; server said: {' | '.join(self.server.lines[-3:])}", exc.fix) from None
         except BaseException:
             self.server.stop()
             raise

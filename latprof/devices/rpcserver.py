@@ -18,6 +18,15 @@ from latprof.errors import DeviceError
 BIND_RE = re.compile(r"bind to ([\d.]+):(\d+)")
 
 
+def free_port() -> int:
+    """A port the OS says is free now (the server searches upwards from it if it is taken meanwhile)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def server_argv(python: str = sys.executable, host: str = "127.0.0.1", port: int = 9090, port_end: int = 9199,
                 extra: list[str] | None = None) -> list[str]:
     return [python, "-m", "tvm.exec.rpc_server", "--host", host, "--port", str(port),

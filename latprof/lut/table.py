@@ -161,6 +161,8 @@ def read_lut(path: str | os.PathLike) -> LutTable:
 
 
 def _validate(frame, path: str) -> None:
+    import pandas as pd
+
     missing = [c for c in COLUMNS if c not in frame.columns]
     if missing:
         raise LutError(f"{path}: missing columns {missing}", "rebuild it with `latprof build-lut`")
@@ -168,12 +170,12 @@ def _validate(frame, path: str) -> None:
         raise LutError(f"{path}: the table has no rows", "measure something first with `latprof measure`")
     numeric = ["position", "tokens", "median_ms", "q1_ms", "q3_ms", "ci_low_ms", "ci_high_ms", "n_samples"]
     for col in numeric:
-        values = frame[col]
-        if values.isna().any() or not np.issubdtype(values.dtype, np.number):
-            bad = frame.index[values.isna() | ~values.map(lambda v: isinstance(v, (int, float, np.number)))]
-            row = int(bad[0]) + 1 if len(bad) else "?"
+        values = pd.to_numeric(frame[col], errors="coerce")
+        if values.isna().any():
+            row = int(values.index[values.isna()][0]) + 1
             raise LutError(f"{path}: column '{col}' has a missing or non-numeric value (data row {row})",
                            "fix or rebuild the table with `latprof build-lut`")
+        frame[col] = values
     bad_kind = ~frame["kind"].isin(KINDS)
     if bad_kind.any():
         raise LutError(f"{path}: unknown kind '{frame['kind'][bad_kind].iloc[0]}' (expected one of {KINDS})",

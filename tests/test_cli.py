@@ -1,0 +1,49 @@
+"""The command contract: one-line errors with exit code 2, no traceback."""
+
+import pytest
+from click.testing import CliRunner
+
+from latprof.cli import main
+from tests.conftest import write_config
+
+
+def run(*args):
+    return CliRunner().invoke(main, list(args))
+
+
+def test_models_and_devices_list():
+    out = run("models")
+    assert out.exit_code == 0
+    assert "deit_t" in out.output and "blocks.0 .. blocks.11 (12 units, one graph)" in out.output
+    out = run("devices")
+    assert out.exit_code == 0 and "local" in out.output
+
+
+@pytest.mark.parametrize("args, message", [
+    (["measure", "--device", "local", "--model", "resnet50"], "unknown model 'resnet50'"),
+    (["measure", "--device", "phone9", "--model", "deit_t"], "unknown device 'phone9'"),
+    (["measure", "--device", "local", "--model", "deit_t", "--tokens", "0,400"], "must lie within 1..197"),
+    (["measure", "--device", "local", "--model", "deit_t", "--tokens", "a,b"], "bad token counts"),
+    (["build-lut", "--device", "never-measured"], "no raw samples"),
+])
+def test_bad_input_is_one_line(workdir, args, message):
+    out = run(*args)
+    assert out.exit_code == 2, out.output
+    assert message in out.output
+    assert "Traceback" not in out.output and len(out.output.strip().splitlines()) == 1
+
+
+def test_malformed_config_is_one_line(workdir, tmp_path):
+    cfg = write_config(tmp_path / "bad.yaml", measure={"warmup": -1})
+    out = run("measure", "--device", str(cfg), "--model", "deit_t")
+    assert out.exit_code == 2 and "measure.warmup" in out.output and "Traceback" not in out.output
+
+
+def test_measure_and_build_lut_commands(workdir, tmp_path):
+    cfg = write_config(tmp_path / "dev.yaml", engine="onnxruntime", name="clidev")
+    out = run("measure", "--device", str(cfg), "--model", "deit_t", "--tokens", "9", "-q")
+    assert out.exit_code == 0, out.output
+    assert "3 points measured" in out.output
+    out = run("build-lut", "--device", "clidev")
+    assert out.exit_code == 0, out.output
+    assert (tmp_path / "luts" / "clidev.csv").exists()

@@ -1,0 +1,77 @@
+"""The table file: round trip, validation of malformed tables, interpolation."""
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from latprof.errors import LutError
+from latprof.lut.build import median_ci
+from latprof.lut.table import COLUMNS, LutTable, read_lut, write_lut
+
+
+def make_table(points=((1, 1.0), (50, 2.0), (197, 5.0))) -> LutTable:
+    rows = [{"model": "deit_t", "unit": "patch_embed", "kind": "fixed", "position": 0, "tokens": 197,
+             "median_ms": 0.7, "q1_ms": 0.6, "q3_ms": 0.8, "ci_low_ms": 0.6, "ci_high_ms": 0.8, "n_samples": 3,
+             "engine": "tvm", "tuning": "untuned", "graph": "g0", "samples_ms": "0.6 0.7 0.8"}]
+    for n, ms in points:
+        rows.append({"model": "deit_t", "unit": "blocks.0", "kind": "tokens", "position": 1, "tokens": n,
+                     "median_ms": ms, "q1_ms": ms * 0.9, "q3_ms": ms * 1.1, "ci_low_ms": ms * 0.9,
+                     "ci_high_ms": ms * 1.1, "n_samples": 3, "engine": "tvm", "tuning": "untuned", "graph": f"g{n}",
+                     "samples_ms": f"{ms*0.9} {ms} {ms*1.1}"})
+    return LutTable(pd.DataFrame(rows, columns=COLUMNS), {"device": "x"})
+
+
+def test_round_trip_and_queries(tmp_path):
+    path = write_lut(make_table(), tmp_path / "t.csv")
+    t = read_lut(path)
+    assert t.provenance == {"device": "x"}
+    assert t.units("deit_t") == ["patch_embed", "blocks.0"]
+    assert t.latency_ms("deit_t", "blocks.0", 50) == pytest.approx(2.0)
+    # linear between measured counts: never overshoots its neighbours
+    assert t.latency_ms("deit_t", "blocks.0", 123.5) == pytest.approx(3.5)
+    assert t.latency_ms("deit_t", "patch_embed", 10) == pytest.approx(0.7)
+    assert list(t.samples("deit_t", "blocks.0", 50)) == pytest.approx([1.8, 2.0, 2.2])
+
+
+def test_outside_range_is_an_error(tmp_path):
+    t = read_lut(write_lut(make_table(((10, 1.0), (100, 2.0))), tmp_path / "t.csv"))
+    with pytest.raises(LutError, match="outside the measured range 10..100"):
+        t.latency_ms("deit_t", "blocks.0", 150)
+    with pytest.raises(LutError, match="no unit 'blocks.7'"):
+        t.latency_ms("deit_t", "blocks.7", 50)
+
+
+@pytest.mark.parametrize("mutate, message", [
+    (lambda text: text.replace("# latprof-lut schema=1", "# latprof-lut schema=9"), "schema 9"),
+    (lambda text: text.replace("# latprof-lut schema=1\n", ""), "not a latprof table"),
+    (lambda text: text.replace(",median_ms,", ",median,"), "missing columns"),
+    (lambda text: text.replace("fixed", "weird"), "unknown kind"),
+    (lambda text: text.replace("deit_t,blocks.0,tokens,1,50,2,", "deit_t,blocks.0,tokens,1,50,abc,"), "non-numeric"),
+    (lambda text: text + text.splitlines()[-1] + "\n", "duplicate row"),
+])
+def test_malformed_tables_are_refused(tmp_path, mutate, message):
+    path = write_lut(make_table(), tmp_path / "t.csv")
+    path.write_text(mutate(path.read_text()))
+    with pytest.raises(LutError, match=message):
+        read_lut(path)
+
+
+def test_write_is_atomic(tmp_path, monkeypatch):
+    path = write_lut(make_table(), tmp_path / "t.csv")
+    before = path.read_text()
+    bad = make_table()
+    bad.frame.loc[1, "median_ms"] = -1.0
+    with pytest.raises(LutError):
+        write_lut(bad, path)
+    assert path.read_text() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["t.csv"]
+
+
+def test_median_ci_covers_the_median():
+    rng = np.random.default_rng(1)
+    hits = 0
+    for _ in range(400):
+        s = rng.lognormal(0, 0.3, size=25)
+        lo, hi = median_ci(s)
+        hits += lo <= 1.0 <= hi  # true median of lognormal(0, .) is 1
+    assert 0.92 <= hits / 400 <= 0.995

@@ -1,0 +1,90 @@
+"""The local vertical slice with the real TVM and a real RPC server process, on a small grid."""
+
+import json
+import os
+import signal
+import threading
+
+import numpy as np
+import pytest
+
+from latprof.errors import DeviceError
+from latprof.lut.build import build_and_write
+from latprof.lut.table import read_lut
+from latprof.measure.runner import measure, store_path
+from tests.conftest import write_config
+
+
+def test_measure_build_lut_and_resume(workdir, tmp_path):
+    cfg = write_config(tmp_path / "dev.yaml")
+    result = measure(str(cfg), "deit_t", [9, 17], progress=False)
+    # patch_embed once, block and head at both N
+    assert (result.measured, result.skipped) == (5, 0)
+    records = [json.loads(line) for line in store_path(workdir, "testdev").read_text().splitlines()]
+    points = [r for r in records if not r["reference"]]
+    assert len(points) == 5 and all(len(r["samples_ms"]) == 5 for r in points)
+    assert all(r["max_abs_err"] < 2e-3 for r in points)  # the device's output matched onnxruntime
+    assert any(r["reference"] for r in records)  # drift reference re-measured
+    # a rerun measures nothing and compiles nothing
+    libs = sorted((workdir / "libs").iterdir())
+    again = measure(str(cfg), "deit_t", [9, 17], progress=False)
+    assert (again.measured, again.skipped) == (0, 5)
+    assert sorted((workdir / "libs").iterdir()) == libs
+
+    table = build_and_write(store_path(workdir, "testdev"), tmp_path / "luts" / "testdev.csv")
+    t = read_lut(tmp_path / "luts" / "testdev.csv")
+    assert len(t.frame) == 1 + 12 * 2 + 2  # a row per block even though the block was measured once
+    assert t.provenance["device"] == "testdev" and t.provenance["tuning"] == "untuned"
+    assert t.provenance["tvm_version"] == "0.27.0.post1"
+    b0, b11 = t.curve("deit_t", "blocks.0"), t.curve("deit_t", "blocks.11")
+    assert list(b0[0]) == [9, 17] and np.allclose(b0[1], b11[1])
+    assert (t.frame["n_samples"] == 5).all()
+    assert table.provenance["settings"]["threads"] == 1
+
+
+def test_onnxruntime_engine(workdir, tmp_path):
+    cfg = write_config(tmp_path / "ort.yaml", name="ortdev", engine="onnxruntime")
+    result = measure(str(cfg), "deit_t", [17, 33], progress=False)
+    assert result.engine == "onnxruntime" and result.measured == 5
+    t = build_and_write(store_path(workdir, "ortdev"), tmp_path / "ort.csv")
+    assert set(t.frame["engine"]) == {"onnxruntime"} and set(t.frame["tuning"]) == {"none"}
+    n17, n33 = t.latency_ms("deit_t", "blocks.0", 17), t.latency_ms("deit_t", "blocks.0", 33)
+    assert 0 < n17 < n33 * 1.5
+
+
+def test_device_dropping_mid_run_keeps_samples_and_resumes(workdir, tmp_path, monkeypatch):
+    """Kill the RPC server after the second point: a one-line DeviceError, nothing lost, resume."""
+    from latprof.measure import engines
+
+    cfg = write_config(tmp_path / "dev.yaml", measure={"reference_every": 0})
+    original = engines.TVMEngine.measure
+    calls = {"n": 0}
+
+    def flaky(self, session, graph, artifact):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            # the whole server process group: TVM serves each session from a forked worker
+            os.killpg(session.server.proc.pid, signal.SIGKILL)
+            session.server.proc.wait()
+        return original(self, session, graph, artifact)
+
+    monkeypatch.setattr(engines.TVMEngine, "measure", flaky)
+    with pytest.raises(DeviceError, match="2 points measured in this run are kept"):
+        measure(str(cfg), "deit_t", [9, 17], progress=False)
+    kept = store_path(workdir, "testdev").read_text().splitlines()
+    assert len(kept) == 2
+    monkeypatch.setattr(engines.TVMEngine, "measure", original)
+    result = measure(str(cfg), "deit_t", [9, 17], progress=False)
+    assert (result.measured, result.skipped) == (3, 2)
+
+
+def test_torn_last_line_is_ignored(workdir, tmp_path):
+    from latprof.measure.samples import SampleStore
+
+    store = SampleStore(tmp_path / "s.jsonl")
+    store.append({"key": "a", "samples_ms": [1.0]})
+    with open(store.path, "a") as fh:
+        fh.write('{"schema": 1, "key": "b", "samples_')  # killed mid-write
+    assert [r["key"] for r in store.records()] == ["a"]
+    store.append({"key": "c", "samples_ms": [2.0]})
+    assert store.done_keys() >= {"a"}
