@@ -1,0 +1,133 @@
+"""SSH transport against a real OpenSSH sshd on loopback (this x86 host plays the device)."""
+
+from __future__ import annotations
+
+import json
+import signal
+import os
+
+import pytest
+
+from latprof.devices import load_config, open_session
+from latprof.errors import ConfigError, DeviceError, HostKeyError
+from latprof.lut.build import build_and_write
+from latprof.lut.table import read_lut
+from latprof.measure.runner import measure, store_path
+from tests.remote.conftest import pid_alive, ssh_config
+
+FAST = {"env": {"TVM_USE_RUNTIME_LIB": "1"}}  # runtime-only import: the server is up in about 1 s, not 10
+
+
+def test_measure_over_ssh_two_token_counts(sshd, workdir, tmp_path):
+    cfg = load_config(str(ssh_config(tmp_path / "dev.yaml", sshd, connection=FAST)))
+    with open_session(cfg) as session:
+        info, pid = session.info(), session.remote_pid
+        assert info["arch"] and info["cpu"] and info["cores"] >= 1
+        assert pid_alive(pid) and session.local_port != session.remote_port
+    assert not pid_alive(pid)  # the remote server was stopped on close
+
+    result = measure(str(tmp_path / "dev.yaml"), "deit_t", [9, 17], progress=False)
+    assert (result.measured, result.skipped) == (5, 0)
+    records = [json.loads(x) for x in store_path(workdir, "sshdev").read_text().splitlines()]
+    assert {r["transport"] for r in records} == {"ssh"} and all(not r["emulated"] for r in records)
+    assert all(r["max_abs_err"] < 2e-3 and len(r["samples_ms"]) == 3 for r in records)
+    assert {r["tokens"] for r in records if r["unit"] == "block"} == {9, 17}
+    table = build_and_write(store_path(workdir, "sshdev"), tmp_path / "ssh.csv")
+    t = read_lut(tmp_path / "ssh.csv")
+    assert t.provenance["device"] == "sshdev" and len(t.frame) == 1 + 12 * 2 + 2
+    assert t.latency_ms("deit_t", "blocks.0", 9) > 0 and table.provenance["emulated"] in (False, "False", 0)
+
+
+def test_unknown_and_changed_host_keys_are_refused(sshd, tmp_path):
+    empty = tmp_path / "empty_known_hosts"
+    empty.write_text("")
+    cfg = load_config(str(ssh_config(tmp_path / "a.yaml", sshd, connection={"known_hosts": str(empty)})))
+    with pytest.raises(HostKeyError, match=rf"not in .*ssh-keyscan -p {sshd.port} 127.0.0.1 >> "):
+        open_session(cfg).__enter__()
+    assert empty.read_text() == ""  # nothing was added behind the user's back
+
+    changed = tmp_path / "changed_known_hosts"
+    changed.write_text(sshd.known_line(sshd.dir / "other_host_key.pub"))
+    cfg = load_config(str(ssh_config(tmp_path / "b.yaml", sshd, connection={"known_hosts": str(changed)})))
+    with pytest.raises(HostKeyError, match="CHANGED"):
+        open_session(cfg).__enter__()
+
+
+def test_config_errors_name_the_field(sshd, tmp_path):
+    path = ssh_config(tmp_path / "c.yaml", sshd, connection={"prot": 22})
+    with pytest.raises(ConfigError, match="connection.prot"):
+        load_config(str(path))
+    path = ssh_config(tmp_path / "d.yaml", sshd, connection={"port": "22"})
+    with pytest.raises(ConfigError, match="'connection.port' must be int, got '22'"):
+        load_config(str(path))
+    import yaml
+
+    data = yaml.safe_load(path.read_text())
+    data["connection"]["port"] = 22
+    del data["connection"]["known_hosts"]
+    (tmp_path / "e.yaml").write_text(yaml.safe_dump(data))
+    with pytest.raises(ConfigError, match="connection.known_hosts"):
+        load_config(str(tmp_path / "e.yaml"))
+
+
+def test_config_never_reaches_the_shell_unquoted(sshd, tmp_path):
+    """A server command with shell syntax in it is passed as words: `;` does not start a second command."""
+    marker = tmp_path / "pwned"
+    cfg = load_config(str(ssh_config(tmp_path / "q.yaml", sshd, connection={
+        "server_command": f"echo hello; touch {marker}", "start_timeout": 3})))
+    with pytest.raises(DeviceError, match="did not start"):
+        open_session(cfg).__enter__()
+    assert not marker.exists()
+
+
+def test_server_killed_mid_run_keeps_samples_and_resumes(sshd, workdir, tmp_path, monkeypatch):
+    from latprof.measure import engines
+
+    path = ssh_config(tmp_path / "dev.yaml", sshd, connection=FAST)
+    original = engines.TVMEngine.measure
+    calls = {"n": 0, "pid": None}
+
+    def flaky(self, session, graph, artifact):
+        calls["n"] += 1
+        if calls["n"] == 3:  # the device's RPC server crashes (its whole process group)
+            calls["pid"] = session.remote_pid
+            os.killpg(session.remote_pid, signal.SIGKILL)
+        return original(self, session, graph, artifact)
+
+    monkeypatch.setattr(engines.TVMEngine, "measure", flaky)
+    with pytest.raises(DeviceError) as err:
+        measure(str(path), "deit_t", [9, 17], progress=False)
+    line = err.value.one_line()
+    assert "\n" not in line and "2 points measured in this run are kept" in line
+    assert len(store_path(workdir, "sshdev").read_text().splitlines()) == 2
+    monkeypatch.setattr(engines.TVMEngine, "measure", original)
+    result = measure(str(path), "deit_t", [9, 17], progress=False)
+    assert (result.measured, result.skipped) == (3, 2)
+
+
+def test_sshd_gone_mid_run_is_a_device_error(sshd, workdir, tmp_path, monkeypatch):
+    """The whole SSH connection drops (sshd and its session processes killed)."""
+    from latprof.measure import engines
+
+    path = ssh_config(tmp_path / "dev.yaml", sshd, connection=FAST)
+    original = engines.TVMEngine.measure
+    calls = {"n": 0}
+
+    def flaky(self, session, graph, artifact):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            sshd.crash()
+        return original(self, session, graph, artifact)
+
+    monkeypatch.setattr(engines.TVMEngine, "measure", flaky)
+    try:
+        with pytest.raises(DeviceError, match="1 points measured in this run are kept"):
+            measure(str(path), "deit_t", [9], progress=False)
+    finally:
+        sshd.start()
+    with pytest.raises(DeviceError, match="cannot reach"):  # and a dead sshd is a clear error up front
+        sshd.stop()
+        try:
+            open_session(load_config(str(path))).__enter__()
+        finally:
+            sshd.start()
