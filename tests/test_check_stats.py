@@ -142,3 +142,10 @@ def test_bad_samples_are_usage_errors():
 def test_hodges_lehmann_ratio_of_scaled_samples():
     x = _lognormal(5, 30)
     assert stats.hodges_lehmann_ratio(x, 1.1 * x) == pytest.approx(1.1)
+
+
+def test_large_samples_stay_cheap():
+    rng = np.random.default_rng(11)
+    v = stats.compare(rng.lognormal(0, 0.05, 3000), rng.lognormal(0.1, 0.05, 3000), "median:5%")
+    assert v.status == stats.REGRESSION and v.hl_ratio == pytest.approx(np.exp(0.1), rel=0.01)
+    assert stats.min_attainable_p(600, 600) == 0.0
