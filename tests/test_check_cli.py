@@ -69,6 +69,7 @@ def test_run_check_global_drift_within_tolerance_is_not_a_regression():
     cand = make_table(1, slow={u[0]: 1.03 for u in UNITS})  # the whole machine 3% slower
     res = run_check(base, cand, "median:5%")
     assert res.exit_code == 0 and not res.regressions
+    assert any("same way" in w for w in res.warnings)
 
 
 def test_run_check_selection_errors():

@@ -139,7 +139,23 @@ def run_check(baseline, candidate, tolerance="median:5%", alpha: float = stats.D
         meta.append((key[0], unit_names, key[1]))
     verdicts = stats.compare_many(pairs, tolerance, alpha, seed=seed)
     points = [PointResult(m, u, t, v) for (m, u, t), v in zip(meta, verdicts)]
+    shift = _global_shift(verdicts)
+    if shift is not None:
+        warnings.append(f"every compared point moved the same way (median ratio {shift:.3f}): the machine drifted "
+                        "between the two runs, or the change affects everything; --interleave tells them apart")
     return CheckResult(points, tolerance, alpha, _prov(baseline), _prov(candidate), warnings, missing, strict)
+
+
+def _global_shift(verdicts) -> float | None:
+    """The median ratio when at least three points all moved significantly in the same direction."""
+    if len(verdicts) < 3 or not all(v.significant for v in verdicts):
+        return None
+    ups = [v.ratio > 1 for v in verdicts]
+    if all(ups) or not any(ups):
+        import numpy as np
+
+        return float(np.median([v.ratio for v in verdicts]))
+    return None
 
 
 def _samples(text: str):
