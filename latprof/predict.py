@@ -1,0 +1,318 @@
+"""Model-level latency prediction from a lookup table: the sum over a model's units at a token schedule.
+
+A schedule (`latprof.schedule.TokenSchedule`: N = 1 + k_s + s for a block in stage s) gives every unit
+its N: ``patch_embed`` is fixed, ``blocks.i`` sees its stage's N, ``selector.s`` and ``merge.s`` see the
+N of stage s-1 (the tokens arriving at pruning location s), ``head`` sees the last stage's N. A unit's
+latency is the table's median, linearly interpolated between measured token counts (outside the
+measured range is a LutError, never an extrapolation).
+
+Uncertainty (two figures, both reported):
+- ``ci``: a 95% interval of the predicted sum from the table's 95% order-statistic CIs of the medians.
+  Units that share one measured graph at one N (DeiT's blocks of a stage) share their error, so their
+  half-widths add linearly; different graphs are independent, so their group half-widths add in
+  quadrature (lower and upper side separately; the CIs are asymmetric).
+- ``iqr``: the sum of the interpolated quartiles (q1, q3) of every unit: a deliberately pessimistic
+  band (fully correlated run-to-run spread) of what one end-to-end sample may read.
+
+End to end is not exactly the sum of units measured one call each: every unit measurement carries the
+engine's own per-call cost (VM or session entry, argument handling), the token removal (top-k, gather,
+concat) at the pruning locations belongs to no unit, and caches/fusion differ across unit boundaries.
+An `Overhead` (a sidecar next to the table, written by `latprof validate --calibrate`) corrects the sum:
+    predicted = sum(units) - (calls - 1) * per_call_ms + residual_ms
+where per_call_ms is measured on the device with a trivial graph and residual_ms is the median of
+(measured - corrected sum) over calibration schedules. See `latprof.validate`.
+
+MACs are counted analytically (multiply-accumulates, batch 1), next to the prediction.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from latprof.errors import LutError, UsageError
+from latprof.schedule import TokenSchedule
+
+OVERHEAD_SCHEMA = 1
+
+
+# -- schedules ----------------------------------------------------------------------------------------
+def parse_keep(text: str, spec) -> TokenSchedule:
+    """`0.7,0.49,0.343` (cumulative keep ratios, one per pruning location) -> a TokenSchedule."""
+    locations = tuple(spec.pruning_locations)
+    try:
+        ratios = [float(v) for v in str(text).split(",") if v.strip()]
+    except ValueError:
+        raise UsageError(f"bad keep ratios '{text}'", "give comma-separated numbers, e.g. --keep 0.7,0.49,0.343") from None
+    if len(ratios) != len(locations):
+        raise UsageError(f"{len(ratios)} keep ratios for {len(locations)} pruning locations (before blocks "
+                         f"{', '.join(map(str, locations))}) of {spec.name}", "give one ratio per location, e.g. --keep 0.7,0.49,0.343")
+    for r in ratios:
+        if not (0 < r <= 1) or math.isnan(r):
+            raise UsageError(f"keep ratio {r:g} is outside (0, 1]", "ratios are cumulative shares of the patch tokens, e.g. 0.7,0.49,0.343")
+    if any(b > a for a, b in zip(ratios, ratios[1:])):
+        raise UsageError(f"keep ratios {ratios} increase; a pruned token never comes back",
+                         "give non-increasing ratios, e.g. 0.7,0.49,0.343")
+    return TokenSchedule.from_ratios(spec.max_tokens - 1, locations, ratios, _depth(spec))
+
+
+def parse_tokens(text: str, spec) -> TokenSchedule:
+    """Explicit per-block token counts (`197,197,197,139,...`, one per block, N counting class and
+    package tokens) -> a TokenSchedule at the model's pruning locations."""
+    depth, locations = _depth(spec), tuple(spec.pruning_locations)
+    try:
+        ns = [int(v) for v in str(text).split(",") if v.strip()]
+    except ValueError:
+        raise UsageError(f"bad token counts '{text}'", f"give {depth} comma-separated integers, one per block") from None
+    if len(ns) != depth:
+        raise UsageError(f"{len(ns)} token counts for the {depth} blocks of {spec.name}",
+                         f"give one N per block (N counts class and package tokens), e.g. 197 x3, 139 x3, 99 x3, 70 x3")
+    bounds = [0, *locations, depth]
+    kept = []
+    for s in range(len(bounds) - 1):
+        stage = set(ns[bounds[s]:bounds[s + 1]])
+        if len(stage) != 1:
+            raise UsageError(f"blocks {bounds[s]}..{bounds[s + 1] - 1} have different token counts {sorted(stage)}",
+                             f"tokens change only at the pruning locations {list(locations)}")
+        n = stage.pop()
+        if s == 0:
+            if n != spec.max_tokens:
+                raise UsageError(f"blocks before the first pruning location see all {spec.max_tokens} tokens, not {n}",
+                                 f"start with {spec.max_tokens}")
+        else:
+            kept.append(n - 1 - s)  # N = 1 (class) + kept + s (package tokens)
+    if any(k < 1 for k in kept):
+        raise UsageError(f"token counts {ns} leave no patch token in some stage",
+                         "stage s needs N >= 2 + s (class, one patch, s package tokens)")
+    return TokenSchedule(spec.max_tokens - 1, locations, tuple(kept), depth)
+
+
+def _depth(spec) -> int:
+    return sum(1 for u in spec.units if u.name.startswith("blocks."))
+
+
+def unit_tokens(spec, schedule: TokenSchedule) -> dict[str, int]:
+    """N seen by every unit of `spec` under `schedule` (fixed units at their own N)."""
+    blocks = schedule.block_tokens()
+    out = {}
+    for u in spec.units:
+        kind, _, idx = u.name.partition(".")
+        if u.kind == "fixed":
+            out[u.name] = int(u.fixed_tokens)
+        elif kind == "blocks":
+            out[u.name] = blocks[int(idx)]
+        elif kind in ("selector", "merge"):
+            out[u.name] = schedule.stage_tokens(int(idx) - 1)
+        elif u.name == "head":
+            out[u.name] = schedule.final_tokens()
+        else:
+            raise LutError(f"unit '{u.name}' of {spec.name} has no place in a token schedule",
+                           "extend latprof.predict.unit_tokens for this unit")
+    return out
+
+
+# -- MACs -----------------------------------------------------------------------------------------------
+def _dims(spec) -> tuple[int, int]:
+    from latprof.models.deit import _DEIT
+
+    if spec.name not in _DEIT:
+        raise UsageError(f"no analytic MAC count for model '{spec.name}'", "MACs are counted for the DeiT family only")
+    _, dim, heads = _DEIT[spec.name]
+    return dim, heads
+
+
+def unit_macs(spec, unit: str, n: int, mlp_ratio: float = 4.0, classes: int = 1000, patch: int = 16) -> int:
+    """Multiply-accumulates of one unit at N tokens (batch 1). Layer norms, softmax, GELU and adds are
+    not MACs and are left out, as is usual for the published DeiT figures."""
+    d, h = _dims(spec)
+    kind = unit.partition(".")[0]
+    if kind == "blocks":
+        # qkv 3ND^2, q@k^T and attn@v 2N^2D, proj ND^2, MLP 2*N*D*(rD)
+        return int(3 * n * d * d + 2 * n * n * d + n * d * d + 2 * n * d * int(mlp_ratio * d))
+    if kind == "selector":
+        hd = d // h
+        h1, h2 = max(hd // 2, 2), max(hd // 4, 2)
+        per_head = hd * hd + hd * h1 + h1 * h2 + h2 * 2  # w_in, w1, w2, w3 of each head
+        return int(n * (h * per_head + d * h))          # + head-attention Linear(D, H)
+    if kind == "merge":
+        return int((n - 1) * d)                         # score-weighted sum of the N-1 non-class tokens
+    if unit == "patch_embed":
+        patches = spec.max_tokens - 1
+        return int(patches * 3 * patch * patch * d)
+    if unit == "head":
+        return int(d * classes)                         # class token only
+    raise UsageError(f"no MAC count for unit '{unit}'", "MACs are counted for DeiT units only")
+
+
+def model_macs(spec, schedule: TokenSchedule | None = None) -> int:
+    """MACs of the whole model under `schedule` (selectors and merges included), or of the dense model
+    (no pruning, no selectors) when `schedule` is None."""
+    if schedule is None:
+        n = spec.max_tokens
+        return sum(unit_macs(spec, u.name, n) for u in spec.units if not u.name.startswith(("selector.", "merge.")))
+    return sum(unit_macs(spec, u, n) for u, n in unit_tokens(spec, schedule).items())
+
+
+# -- overhead (non-additivity) ---------------------------------------------------------------------------
+@dataclass
+class Overhead:
+    """How end to end differs from the sum of units, for one table (engine, tuning, device)."""
+
+    per_call_ms: float = 0.0        # engine call cost measured with a trivial graph on the device
+    residual_ms: float = 0.0        # median (measured - corrected sum) over calibration schedules
+    residual_mad_ms: float = 0.0
+    n_configs: int = 0
+    device: str = ""
+    engine: str = ""
+    tuning: str = ""
+    table: str = ""
+    created: str = ""
+    method: str = "predicted = sum(units) - (calls - 1) * per_call_ms + residual_ms"
+    schema: int = OVERHEAD_SCHEMA
+
+    def correction_ms(self, calls: int) -> float:
+        return -(calls - 1) * self.per_call_ms + self.residual_ms
+
+
+def overhead_path(lut_path: str | Path) -> Path:
+    p = Path(lut_path)
+    return p.with_name(p.stem + ".overhead.json")
+
+
+def read_overhead(lut_path: str | Path, table=None) -> Overhead | None:
+    path = overhead_path(lut_path)
+    if not path.exists():
+        return None
+    try:
+        data = json.loads(path.read_text())
+        if data.get("schema") != OVERHEAD_SCHEMA:
+            raise ValueError(f"schema {data.get('schema')}")
+        oh = Overhead(**{k: v for k, v in data.items() if k in Overhead.__dataclass_fields__})
+    except (ValueError, TypeError) as exc:
+        raise LutError(f"{path}: unreadable overhead sidecar ({exc})",
+                       "delete it and recalibrate with `latprof validate --calibrate`") from None
+    if table is not None:
+        engine, tuning = _table_engine(table)
+        if (oh.engine, oh.tuning) != (engine, tuning):
+            raise LutError(f"{path} was calibrated for {oh.engine}/{oh.tuning}, the table is {engine}/{tuning}",
+                           "recalibrate with `latprof validate --calibrate`, or pass --no-overhead")
+    return oh
+
+
+def write_overhead(lut_path: str | Path, oh: Overhead) -> Path:
+    from latprof.lut.table import atomic_write_text
+
+    oh.created = oh.created or _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    path = overhead_path(lut_path)
+    atomic_write_text(path, json.dumps(asdict(oh), indent=1, sort_keys=True) + "\n")
+    return path
+
+
+def _table_engine(table) -> tuple[str, str]:
+    engine = table.engine
+    tunings = sorted(set(table.frame["tuning"].astype(str)))
+    return engine, table.provenance.get("tuning") or (tunings[0] if len(tunings) == 1 else ",".join(tunings))
+
+
+# -- prediction ------------------------------------------------------------------------------------------
+@dataclass
+class UnitPrediction:
+    unit: str
+    tokens: int
+    median_ms: float
+    ci_low_ms: float
+    ci_high_ms: float
+    q1_ms: float
+    q3_ms: float
+    macs: int
+    graph: str          # the measured graph at the nearest measured N (shared error group)
+
+
+@dataclass
+class Prediction:
+    model: str
+    engine: str
+    tuning: str
+    kept: tuple[int, ...]
+    block_tokens: list[int]
+    units: list[UnitPrediction]
+    sum_ms: float           # plain sum of the unit medians
+    overhead_ms: float      # correction from the Overhead sidecar (0 without one)
+    ci_low_ms: float        # 95% CI of the prediction (see module docstring)
+    ci_high_ms: float
+    q1_ms: float            # summed quartiles (pessimistic spread band)
+    q3_ms: float
+    macs: int
+    overhead: Overhead | None = field(default=None, repr=False)
+
+    @property
+    def total_ms(self) -> float:
+        return self.sum_ms + self.overhead_ms
+
+
+def predict(table, model: str, schedule: TokenSchedule, overhead: Overhead | None = None) -> Prediction:
+    """Predicted end-to-end latency of `model` under `schedule` from `table` (one engine)."""
+    import numpy as np
+
+    from latprof.models import get_model
+
+    spec = get_model(model)
+    engine, tuning = _table_engine(table)
+    if schedule.patches != spec.max_tokens - 1 or tuple(schedule.locations) != tuple(spec.pruning_locations):
+        raise UsageError(f"schedule for {schedule.patches} patches at {list(schedule.locations)} does not fit {model}",
+                         f"{model} has {spec.max_tokens - 1} patches, pruning before blocks {list(spec.pruning_locations)}")
+    table_units = set(table.units(model))
+    ns = unit_tokens(spec, schedule)
+    missing = [u for u in ns if u not in table_units]
+    if missing:
+        raise LutError(f"table {table.path} has no rows for {model} units {missing[:4]}{' ...' if len(missing) > 4 else ''}",
+                       f"measure them (latprof measure --model {model}) and rebuild the table")
+    out: list[UnitPrediction] = []
+    for unit, n in ns.items():
+        tokens, med, q1, q3 = table.curve(model, unit)
+        rows = table._unit_rows(model, unit).sort_values("tokens")
+        lo_c, hi_c = rows["ci_low_ms"].to_numpy(float), rows["ci_high_ms"].to_numpy(float)
+        graphs = rows["graph"].astype(str).to_numpy()
+        if table.kind(model, unit) == "fixed":
+            vals = (med[0], lo_c[0], hi_c[0], q1[0], q3[0])
+            g = graphs[0]
+        else:
+            if n < tokens[0] or n > tokens[-1]:
+                raise LutError(f"{model}/{unit}: {n} tokens is outside the table's measured range {tokens[0]}..{tokens[-1]}",
+                               f"measure that count (latprof measure --tokens ...,{n}) or keep more tokens")
+            vals = tuple(float(np.interp(n, tokens, ys)) for ys in (med, lo_c, hi_c, q1, q3))
+            g = graphs[int(np.argmin(np.abs(tokens - n)))]
+        out.append(UnitPrediction(unit, int(n), *[float(v) for v in vals], macs=unit_macs(spec, unit, n), graph=str(g)))
+    total = sum(u.median_ms for u in out)
+    # CI: linear within a (graph, N) group, quadrature across groups
+    groups: dict[tuple, list[float]] = {}
+    for u in out:
+        acc = groups.setdefault((u.graph, u.tokens), [0.0, 0.0])
+        acc[0] += u.median_ms - u.ci_low_ms
+        acc[1] += u.ci_high_ms - u.median_ms
+    lo = math.sqrt(sum(a * a for a, _ in groups.values()))
+    hi = math.sqrt(sum(b * b for _, b in groups.values()))
+    corr = overhead.correction_ms(len(out)) if overhead else 0.0
+    return Prediction(model, engine, tuning, tuple(schedule.kept), schedule.block_tokens(), out, total, corr,
+                      total + corr - lo, total + corr + hi, sum(u.q1_ms for u in out) + corr,
+                      sum(u.q3_ms for u in out) + corr, sum(u.macs for u in out), overhead)
+
+
+def format_prediction(p: Prediction, breakdown: bool = True) -> str:
+    lines = [f"{p.model} on {p.engine} ({p.tuning}), kept patches {list(p.kept)}, block N {p.block_tokens}",
+             f"predicted latency {p.total_ms:.3f} ms  (95% CI {p.ci_low_ms:.3f}..{p.ci_high_ms:.3f}; "
+             f"summed quartiles {p.q1_ms:.3f}..{p.q3_ms:.3f})  {p.macs / 1e9:.3f} GMACs"]
+    if p.overhead is not None:
+        oh = p.overhead
+        lines.append(f"  sum of units {p.sum_ms:.3f} ms, overhead correction {p.overhead_ms:+.3f} ms "
+                     f"({len(p.units)} calls x -{oh.per_call_ms:.4f} ms per call, residual {oh.residual_ms:+.4f} ms "
+                     f"from {oh.n_configs} calibration schedules)")
+    if breakdown:
+        lines.append(f"  {'unit':12s} {'N':>4s} {'median ms':>10s} {'95% CI':>19s} {'share':>6s} {'MMACs':>9s}")
+        for u in p.units:
+            lines.append(f"  {u.unit:12s} {u.tokens:4d} {u.median_ms:10.4f} {u.ci_low_ms:9.4f}..{u.ci_high_ms:<8.4f} "
+                         f"{u.median_ms / p.sum_ms:6.1%} {u.macs / 1e6:9.2f}")
+    return "\n".join(lines)
