@@ -193,3 +193,39 @@ def run_vm(vm, dev, inputs: list):
 
     out = vm["main"](*[tvm().runtime.tensor(np.asarray(x), dev) for x in inputs])
     return out.numpy()
+
+
+# -- RPC tracker (latprof.devices.tracker) ---------------------------------------------------------------
+
+def connect_tracker(host: str, port: int, timeout: float = 10.0):
+    import socket
+
+    from tvm import rpc
+
+    try:  # TVM's own connect retries for 60 s; a tracker that is not there should fail fast
+        socket.create_connection((host, port), timeout=timeout).close()
+        return rpc.connect_tracker(host, port)
+    except Exception as exc:
+        raise DeviceError(f"cannot reach the TVM RPC tracker at {host}:{port} ({str(exc).splitlines()[-1][:200]})",
+                          "start it (python -m tvm.exec.rpc_tracker) or fix connection.host/port") from None
+
+
+def tracker_servers(tracker) -> dict[str, int]:
+    """Servers registered with the tracker, counted per key (free or busy)."""
+    counts: dict[str, int] = {}
+    for item in tracker.summary()["server_info"]:
+        key = item["key"].split(":", 1)[-1]
+        counts[key] = counts.get(key, 0) + 1
+    return counts
+
+
+def tracker_request(tracker, key: str, priority: int, session_timeout: float, threads: int | None = None,
+                    cpus: list | None = None):
+    """One RPC session from the tracker (blocks while every server under key is busy)."""
+    try:
+        sess = tracker.request(key, priority=priority, session_timeout=session_timeout)
+    except Exception as exc:
+        raise DeviceError(f"the tracker gave no session for key '{key}' ({str(exc).splitlines()[-1][:200]})",
+                          "check the servers registered under that key (python -m tvm.exec.query_rpc_tracker)") from None
+    configure_threads(sess, threads, cpus)
+    return sess

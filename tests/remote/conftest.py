@@ -170,3 +170,14 @@ def arm64_rootfs():
     if not shutil.which("aarch64-linux-gnu-g++"):
         pytest.skip("the aarch64 cross compiler is not installed (apt-get install g++-aarch64-linux-gnu)")
     return ARM64_ROOTFS
+
+
+def expected_counts(model: str, tokens: list[int]) -> tuple[int, int]:
+    """(points measured, table rows) for a model at these token counts: shared units are measured once
+    per N (fixed units once), and the table has a row per unit."""
+    from latprof.models import get_model
+
+    spec = get_model(model)
+    size = lambda u: 1 if u.kind == "fixed" else len(tokens)  # noqa: E731
+    shared = {u.shared: u for u in spec.units}
+    return sum(size(u) for u in shared.values()), sum(size(u) for u in spec.units)

@@ -13,7 +13,7 @@ from latprof.errors import ConfigError, DeviceError, HostKeyError
 from latprof.lut.build import build_and_write
 from latprof.lut.table import read_lut
 from latprof.measure.runner import measure, store_path
-from tests.remote.conftest import pid_alive, ssh_config
+from tests.remote.conftest import expected_counts, pid_alive, ssh_config
 
 FAST = {"env": {"TVM_USE_RUNTIME_LIB": "1"}}  # runtime-only import: the server is up in about 1 s, not 10
 
@@ -27,14 +27,15 @@ def test_measure_over_ssh_two_token_counts(sshd, workdir, tmp_path):
     assert not pid_alive(pid)  # the remote server was stopped on close
 
     result = measure(str(tmp_path / "dev.yaml"), "deit_t", [9, 17], progress=False)
-    assert (result.measured, result.skipped) == (5, 0)
+    points, rows = expected_counts("deit_t", [9, 17])
+    assert (result.measured, result.skipped) == (points, 0)
     records = [json.loads(x) for x in store_path(workdir, "sshdev").read_text().splitlines()]
     assert {r["transport"] for r in records} == {"ssh"} and all(not r["emulated"] for r in records)
     assert all(r["max_abs_err"] < 2e-3 and len(r["samples_ms"]) == 3 for r in records)
     assert {r["tokens"] for r in records if r["unit"] == "block"} == {9, 17}
     table = build_and_write(store_path(workdir, "sshdev"), tmp_path / "ssh.csv")
     t = read_lut(tmp_path / "ssh.csv")
-    assert t.provenance["device"] == "sshdev" and len(t.frame) == 1 + 12 * 2 + 2
+    assert t.provenance["device"] == "sshdev" and len(t.frame) == rows
     assert t.latency_ms("deit_t", "blocks.0", 9) > 0 and table.provenance["emulated"] in (False, "False", 0)
 
 
@@ -102,7 +103,7 @@ def test_server_killed_mid_run_keeps_samples_and_resumes(sshd, workdir, tmp_path
     assert len(store_path(workdir, "sshdev").read_text().splitlines()) == 2
     monkeypatch.setattr(engines.TVMEngine, "measure", original)
     result = measure(str(path), "deit_t", [9, 17], progress=False)
-    assert (result.measured, result.skipped) == (3, 2)
+    assert (result.measured, result.skipped) == (expected_counts("deit_t", [9, 17])[0] - 2, 2)
 
 
 def test_sshd_gone_mid_run_is_a_device_error(sshd, workdir, tmp_path, monkeypatch):

@@ -1,0 +1,87 @@
+"""Tracker transport: a real TVM RPC tracker and two RPC servers under one key on loopback."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+from latprof.devices import load_config, open_session
+from latprof.errors import DeviceError
+from latprof.lut.build import build_and_write
+from latprof.measure.runner import measure, store_path
+from tests.remote.conftest import expected_counts, SMALL_MEASURE, free_port, stop, wait_port, write_yaml
+
+KEY = "farmtest"
+
+
+@pytest.fixture(scope="module")
+def farm(tmp_path_factory):
+    tmp_path = tmp_path_factory.mktemp("farm")
+    port = free_port()
+    env = {**os.environ, "TVM_USE_RUNTIME_LIB": "1"}
+    procs, logs = [], []
+    tracker = subprocess.Popen([sys.executable, "-m", "tvm.exec.rpc_tracker", "--host", "127.0.0.1", "--port", str(port),
+                                "--port-end", str(port + 1)], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, env=env)
+    procs.append(tracker)
+    try:  # all three start at once (the servers retry the tracker until it is up): imports dominate
+        for i in range(2):
+            log = tmp_path / f"server{i}.log"
+            logs.append(log)
+            procs.append(subprocess.Popen(
+                [sys.executable, "-m", "tvm.exec.rpc_server", "--host", "127.0.0.1", "--port", str(free_port()),
+                 "--port-end", "65000", "--tracker", f"127.0.0.1:{port}", "--key", KEY],
+                stdout=open(log, "w"), stderr=subprocess.STDOUT, env={**env, "TVM_NUM_THREADS": "1"}))
+        from latprof.compile import tvmlib
+
+        wait_port(port, 60, tracker)
+        deadline = time.monotonic() + 60
+        client = tvmlib.connect_tracker("127.0.0.1", port)
+        while tvmlib.tracker_servers(client).get(KEY, 0) < 2:
+            assert time.monotonic() < deadline, "the servers did not register with the tracker"
+            time.sleep(0.3)
+        client.close()
+        yield port, logs
+    finally:
+        for p in reversed(procs):
+            stop(p)
+
+
+def tracker_config(path, port, name, **conn):
+    return write_yaml(path, {
+        "name": name, "transport": "tracker", "target": {"kind": "llvm", "mcpu": "native"}, "threads": 1,
+        "measure": dict(SMALL_MEASURE), "tuning": {"trials_per_task": 0},
+        "connection": {"host": "127.0.0.1", "port": port, "key": KEY, "request_timeout": 60, **conn}})
+
+
+def test_two_servers_share_the_work_and_give_the_same_rows(farm, workdir, tmp_path):
+    port, logs = farm
+    path = tracker_config(tmp_path / "farm2.yaml", port, "farm2", sessions=2)
+    with open_session(load_config(str(path))) as s:
+        assert s.info()["registered"] == 2 and len(s.sessions) == 2
+    result = measure(str(path), "deit_t", [9, 17], progress=False)
+    points, rows = expected_counts("deit_t", [9, 17])
+    assert result.measured == points
+    # both servers loaded compiled modules (the TVM server logs each load)
+    loads = [log.read_text().count(".so") for log in logs]
+    assert all(n > 0 for n in loads), loads
+
+    one = tracker_config(tmp_path / "farm1.yaml", port, "farm1", sessions=1)
+    assert measure(str(one), "deit_t", [9, 17], progress=False).measured == points
+    t2 = build_and_write(store_path(workdir, "farm2"), tmp_path / "farm2.csv")
+    t1 = build_and_write(store_path(workdir, "farm1"), tmp_path / "farm1.csv")
+    keys = lambda t: sorted(zip(t.frame["model"], t.frame["unit"], t.frame["tokens"]))  # noqa: E731
+    assert keys(t2) == keys(t1) and len(keys(t1)) == rows
+
+
+def test_unknown_key_and_missing_tracker(farm, tmp_path):
+    port, _ = farm
+    path = tracker_config(tmp_path / "bad.yaml", port, "bad", key="nosuch")
+    with pytest.raises(DeviceError, match=f"no RPC server is registered under key 'nosuch'.*{KEY} \\(2\\)"):
+        open_session(load_config(str(path))).__enter__()
+    path = tracker_config(tmp_path / "gone.yaml", free_port(), "gone")
+    with pytest.raises(DeviceError, match="cannot reach the TVM RPC tracker"):
+        open_session(load_config(str(path))).__enter__()
