@@ -1,0 +1,328 @@
+"""`latprof validate`: does the table's prediction hold end to end?
+
+For K random token schedules (seeded; every unit's N inside the table's measured range), the whole
+pruned model is built (timm DeiT + SPViT selectors, tokens really removed by top-k at the pruning
+locations, a package token appended per stage: `latprof.train.spvit.StaticSPViT`, static shapes),
+exported to ONNX, compiled by the SAME engine with the SAME tuning state as the table (for TVM the
+workdir's tuning database; unit graphs at the schedule's token counts are prepared first, so the whole
+model's tasks find their schedules by workload, as the table's units did), measured end to end on the
+device and compared with `latprof.predict.predict`.
+
+Per-config results are appended to `<workdir>/validate/<device>-<model>-<engine>.jsonl` as they come,
+keyed by (table, engine, tuning, kept): a rerun skips what is there (resumable).
+
+Non-additivity (see `latprof.predict.Overhead`): `calibrate=True` measures the engine's per-call cost
+with a trivial graph on the device (one [1, 17, D] tensor plus a constant: nothing to compute), and the
+median residual of the calibration schedules after subtracting (calls - 1) per-call costs, and writes
+both into the table's sidecar `<table>.overhead.json`, which `predict` applies from then on. Calibrate
+and validate with different seeds so the reported fidelity is out of sample.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import random
+import statistics
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from latprof.errors import LutError, UsageError
+from latprof.predict import Overhead, predict, read_overhead, unit_tokens, write_overhead
+from latprof.schedule import TokenSchedule
+
+CALL_PROBE_TOKENS = 17
+
+
+@dataclass
+class ConfigResult:
+    index: int
+    kept: list[int]
+    block_tokens: list[int]
+    sum_ms: float            # plain sum of unit medians
+    predicted_ms: float      # with the overhead correction in force (== sum_ms without a sidecar)
+    measured_ms: float       # median of the end-to-end samples
+    measured_q1_ms: float
+    measured_q3_ms: float
+    ci_low_ms: float
+    ci_high_ms: float
+    samples_ms: list[float] = field(repr=False, default_factory=list)
+
+    @property
+    def error(self) -> float:
+        return self.predicted_ms / self.measured_ms - 1
+
+
+@dataclass
+class ValidationResult:
+    device: str
+    model: str
+    engine: str
+    tuning: str
+    configs: list[ConfigResult]
+    overhead: Overhead | None
+    results_path: Path
+    plot_path: Path | None = None
+    per_call_ms: float | None = None
+
+    def within(self, tol: float, raw: bool = False) -> float:
+        if not self.configs:
+            return 0.0
+        errs = [(c.sum_ms if raw else c.predicted_ms) / c.measured_ms - 1 for c in self.configs]
+        return sum(abs(e) <= tol for e in errs) / len(errs)
+
+    def summary(self) -> str:
+        errs = sorted(abs(c.error) for c in self.configs)
+        med = statistics.median(errs) if errs else float("nan")
+        return (f"{len(self.configs)} schedules, {self.engine} ({self.tuning}) on {self.device}: "
+                f"{self.within(0.05):.0%} within ±5%, {self.within(0.10):.0%} within ±10%, median |error| {med:.1%}"
+                + ("" if self.overhead else " (no overhead sidecar: plain sum of units)"))
+
+
+# -- schedules ---------------------------------------------------------------------------------------
+def random_schedules(table, spec, count: int, seed: int = 0) -> list[TokenSchedule]:
+    """`count` distinct random non-increasing schedules whose every unit's N the table covers.
+
+    Kept counts are drawn as three sorted uniform ratios over the feasible range, so schedules span
+    light to heavy pruning."""
+    from latprof.predict import _depth
+
+    depth, locs, patches = _depth(spec), tuple(spec.pruning_locations), spec.max_tokens - 1
+    lo_n = max(table.token_range(spec.name, u)[0] for u in table.units(spec.name) if table.kind(spec.name, u) == "tokens")
+    hi_n = min(table.token_range(spec.name, u)[1] for u in table.units(spec.name) if table.kind(spec.name, u) == "tokens")
+    if hi_n < spec.max_tokens:
+        raise LutError(f"table covers N up to {hi_n} but the dense stage of {spec.name} needs {spec.max_tokens}",
+                       f"measure --tokens ...,{spec.max_tokens}")
+    rng = random.Random(seed)
+    out, seen, tries = [], set(), 0
+    stages = len(locs)
+    k_min = max(1, lo_n - 1)  # stage s needs 1 + k + s >= lo_n; checked per stage below
+    while len(out) < count:
+        tries += 1
+        if tries > 1000 * count:
+            raise UsageError(f"the table's token range {lo_n}..{hi_n} allows fewer than {count} distinct schedules",
+                             "measure a wider token grid or ask for fewer --configs")
+        ratios = sorted((rng.uniform(k_min / patches, 1.0) for _ in range(stages)), reverse=True)
+        kept = [max(1, round(patches * r)) for r in ratios]
+        if any(1 + k + s < lo_n for s, k in enumerate(kept, start=1)) or tuple(kept) in seen:
+            continue
+        seen.add(tuple(kept))
+        out.append(TokenSchedule(patches, locs, tuple(kept), depth))
+    return out
+
+
+# -- the pruned model ----------------------------------------------------------------------------------
+def pruned_model(spec, kept):
+    """StaticSPViT over the registry's timm model (seeded weights, fused attention off)."""
+    from latprof.train.spvit import SPViT, StaticSPViT
+
+    vit, _ = spec.builder(spec)
+    import torch
+
+    torch.manual_seed(1)
+    sp = SPViT(vit, spec.pruning_locations).eval()
+    return StaticSPViT(sp, kept).eval()
+
+
+def _export_model(spec, kept, graph_dir: Path):
+    from latprof.export import export_unit
+
+    return export_unit(pruned_model(spec, kept), (1, 3, 224, 224), graph_dir, spec.name,
+                       "e2e-" + "-".join(map(str, kept)), 1 + kept[-1] + len(kept))
+
+
+def _export_probe(dim: int, graph_dir: Path, model: str):
+    """The per-call probe: one small tensor in, one out, nothing to compute."""
+    from torch import nn
+
+    from latprof.export import export_unit
+
+    class Probe(nn.Module):
+        def forward(self, x):
+            return x + 0.5
+
+    return export_unit(Probe(), (1, CALL_PROBE_TOKENS, dim), graph_dir, model, "call-probe", CALL_PROBE_TOKENS)
+
+
+# -- engine with the table's tuning state ----------------------------------------------------------------
+def _table_trials(tuning: str) -> int:
+    if tuning in ("none", "untuned", ""):
+        return 0
+    if tuning.startswith("metaschedule:"):
+        try:
+            return int(tuning.split(":", 1)[1].split("@", 1)[0])
+        except ValueError:
+            pass
+    raise LutError(f"unknown tuning label '{tuning}' in the table", "rebuild the table with this latprof")
+
+
+def table_engine(table, cfg, spec, workdir: Path):
+    """An engine in the table's engine and tuning state; refuses a mismatch it cannot reproduce."""
+    from latprof.measure import runner
+
+    engine = table.engine
+    tuning = str(table.provenance.get("tuning") or table.frame["tuning"].iloc[0])
+    trials = _table_trials(tuning)
+    if hasattr(runner, "make_engine"):
+        eng = runner.make_engine(engine, cfg, spec, workdir, trials)
+    else:  # pragma: no cover - older runner
+        from latprof.measure.engines import get_engine
+
+        eng = get_engine(engine, cfg, workdir, trials)
+    if eng.tuning_label() != tuning:
+        raise LutError(f"the table was measured with tuning '{tuning}', the device config gives '{eng.tuning_label()}'",
+                       "validate with the device config and workdir the table was measured with")
+    return eng
+
+
+def _prepare(eng, spec, graphs, workdir: Path, bars, schedules) -> dict[str, str]:
+    """Compile `graphs` (whole models, probe) in the table's tuning state. For tuned TVM the units at the
+    schedules' token counts are prepared first (schedules transferred from the anchors into the tuning
+    database), so the whole models' tasks find them by workload instead of being tuned afresh."""
+    from latprof.measure import runner
+
+    if eng.name == "tvm" and getattr(eng, "trials", 0) > 0:
+        ns = sorted({n for s in schedules for u, n in unit_tokens(spec, s).items()
+                     if spec.unit(u).kind == "tokens"})
+        units = runner.export_graphs(spec, ns, workdir, bars)
+        runner.compile_graphs(eng, spec, units, workdir, bars)
+        return eng.prepare(graphs, bars, anchors=[])
+    return eng.prepare(graphs, bars)
+
+
+# -- validate ------------------------------------------------------------------------------------------
+def results_path(workdir: Path, device: str, model: str, engine: str) -> Path:
+    return Path(workdir) / "validate" / f"{device}-{model}-{engine}.jsonl"
+
+
+def _table_id(table) -> str:
+    """Content id of the rows a prediction reads (so results of another table are not reused)."""
+    cols = ["model", "unit", "tokens", "median_ms", "engine", "tuning"]
+    text = table.frame[cols].to_csv(index=False)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def validate(device, model: str, lut, configs: int = 20, seed: int = 0, workdir=None, calibrate: bool = False,
+             plot: str | Path | None = None, progress: bool = True, echo=print, use_overhead: bool = True) -> ValidationResult:
+    from latprof.devices import load_config, open_session
+    from latprof.devices.config import DeviceConfig
+    from latprof.lut.table import read_lut
+    from latprof.measure.runner import default_workdir
+    from latprof.models import get_model
+    from latprof.progress import bar_factory
+
+    if configs < 1:
+        raise UsageError(f"--configs {configs}", "validate at least one schedule")
+    cfg = device if isinstance(device, DeviceConfig) else load_config(device)
+    spec = get_model(model)
+    table = read_lut(lut) if not hasattr(lut, "frame") else lut
+    lut_path = Path(table.path) if table.path else None
+    table.units(model)  # unknown model in the table -> LutError with the fix
+    tdev = table.provenance.get("device")
+    if tdev and tdev != cfg.name:
+        echo(f"warning: the table was measured on '{tdev}', validating on '{cfg.name}'")
+    workdir = Path(workdir or default_workdir())
+    bars = bar_factory(progress)
+    eng = table_engine(table, cfg, spec, workdir)
+    tuning = eng.tuning_label()
+    overhead = read_overhead(lut_path, table) if (lut_path and use_overhead and not calibrate) else None
+
+    schedules = random_schedules(table, spec, configs, seed)
+    rpath = results_path(workdir, cfg.name, model, eng.name)
+    tid = _table_id(table)
+    done = {}
+    if rpath.exists():
+        for line in rpath.read_text().splitlines():
+            try:
+                r = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a line cut by a crash
+            if r.get("table") == tid and r.get("tuning") == tuning:
+                done[tuple(r["kept"])] = r
+    todo = [s for s in schedules if tuple(s.kept) not in done]
+    if len(todo) < len(schedules):
+        echo(f"resuming: {len(schedules) - len(todo)} of {len(schedules)} schedules already measured in {rpath}")
+
+    per_call = None
+    graph_dir = workdir / "graphs"
+    probe = _export_probe(int(_dim(spec)), graph_dir, model) if calibrate else None
+    if todo or probe:
+        bar = bars(total=len(todo), desc="export whole models", unit="model")
+        graphs = {}
+        for s in todo:
+            graphs[tuple(s.kept)] = _export_model(spec, s.kept, graph_dir)
+            bar.update(1)
+        bar.close()
+        artifacts = _prepare(eng, spec, list(graphs.values()) + ([probe] if probe else []), workdir, bars, todo)
+        rpath.parent.mkdir(parents=True, exist_ok=True)
+        session_cm = open_session(cfg) if eng.needs_session else None
+        session = session_cm.__enter__() if session_cm else None
+        try:
+            bar = bars(total=len(todo), desc=f"measure end to end on {cfg.name}", unit="model")
+            probe_medians = []
+            for i, s in enumerate(todo):
+                if probe is not None:  # interleaved, so the per-call cost sees the same machine state
+                    probe_medians.append(statistics.median(eng.measure(session, probe, artifacts[probe.digest])[0]))
+                g = graphs[tuple(s.kept)]
+                samples, _ = eng.measure(session, g, artifacts[g.digest])
+                rec = {"table": tid, "tuning": tuning, "engine": eng.name, "device": cfg.name, "model": model,
+                       "kept": list(s.kept), "block_tokens": s.block_tokens(), "graph": g.digest,
+                       "samples_ms": [round(x, 6) for x in samples],
+                       "time": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
+                with open(rpath, "a", encoding="utf-8") as fh:
+                    fh.write(json.dumps(rec) + "\n")
+                done[tuple(s.kept)] = rec
+                bar.update(1)
+            if probe is not None:
+                probe_medians.append(statistics.median(eng.measure(session, probe, artifacts[probe.digest])[0]))
+                per_call = statistics.median(probe_medians)
+            bar.close()
+        finally:
+            if session_cm:
+                session_cm.__exit__(None, None, None)
+
+    results = []
+    for i, s in enumerate(schedules):
+        rec = done[tuple(s.kept)]
+        p = predict(table, model, s, overhead)
+        xs = sorted(rec["samples_ms"])
+        q = statistics.quantiles(xs, n=4) if len(xs) > 1 else [xs[0]] * 3
+        results.append(ConfigResult(i, list(s.kept), s.block_tokens(), p.sum_ms, p.total_ms, statistics.median(xs),
+                                    q[0], q[2], p.ci_low_ms, p.ci_high_ms, xs))
+    if calibrate:
+        calls = len(unit_tokens(spec, schedules[0]))
+        resid = [c.measured_ms - (c.sum_ms - (calls - 1) * per_call) for c in results]
+        med = statistics.median(resid)
+        overhead = Overhead(per_call_ms=per_call, residual_ms=med,
+                            residual_mad_ms=statistics.median(abs(r - med) for r in resid), n_configs=len(results),
+                            device=cfg.name, engine=eng.name, tuning=tuning, table=str(lut_path or ""))
+        if lut_path:
+            write_overhead(lut_path, overhead)
+        for c in results:  # in-sample: what the new sidecar predicts for the calibration schedules
+            c.predicted_ms = c.sum_ms + overhead.correction_ms(calls)
+    out = ValidationResult(cfg.name, model, eng.name, tuning, results, overhead, rpath, per_call_ms=per_call)
+    if plot:
+        from latprof.plot import plot_validation
+
+        out.plot_path = plot_validation(out, plot)
+    return out
+
+
+def _dim(spec) -> int:
+    from latprof.predict import _dims
+
+    return _dims(spec)[0]
+
+
+def format_validation(v: ValidationResult) -> str:
+    lines = [f"  {'#':>3s} {'kept patches':16s} {'predicted':>10s} {'measured':>10s} {'error':>7s}  {'sum of units':>12s}"]
+    for c in v.configs:
+        lines.append(f"  {c.index:3d} {str(c.kept):16s} {c.predicted_ms:10.3f} {c.measured_ms:10.3f} {c.error:+7.1%}  {c.sum_ms:12.3f}")
+    lines.append(v.summary())
+    if v.overhead is not None:
+        oh = v.overhead
+        lines.append(f"overhead model: {oh.per_call_ms:.4f} ms per engine call, residual {oh.residual_ms:+.4f} ms "
+                     f"(from {oh.n_configs} calibration schedules); plain sum of units: "
+                     f"{v.within(0.05, raw=True):.0%} within ±5%, {v.within(0.10, raw=True):.0%} within ±10%")
+    return "\n".join(lines)
