@@ -1,0 +1,215 @@
+"""Prediction math on small synthetic tables: sum, interpolation, uncertainty, MACs, parsing, errors."""
+
+import math
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from latprof.errors import LutError, UsageError
+from latprof.lut.table import LutTable, read_lut, write_lut
+from latprof.models import get_model
+from latprof.predict import (Overhead, model_macs, overhead_path, parse_keep, parse_tokens, predict, read_overhead,
+                             unit_macs, unit_tokens, write_overhead)
+from latprof.schedule import TokenSchedule
+from latprof.train.synthetic import synthetic_table
+
+SPEC = get_model("deit_t")
+GRID = [17, 50, 99, 150, 197]
+
+
+def table(grid=GRID, **kw):
+    t = synthetic_table(tokens=grid, selectors=True, **kw)
+    t.path = "synthetic.csv"
+    return t
+
+
+def expected(unit, n):
+    """synthetic_table's own cost model (base + slope x N)."""
+    base, slope = {"patch_embed": (0.05, 0.0), "blocks": (0.01, 0.002), "selector": (0.002, 0.0002),
+                   "merge": (0.001, 0.0001), "head": (0.003, 0.00005)}[unit.split(".")[0]]
+    return base + slope * n
+
+
+def test_deit_units_have_selectors_and_merges_between_blocks():
+    names = [u.name for u in SPEC.units]
+    assert names.index("selector.1") == names.index("blocks.2") + 1
+    assert names.index("merge.1") == names.index("selector.1") + 1
+    assert names.index("blocks.3") == names.index("merge.1") + 1
+    assert [u.position for u in SPEC.units] == list(range(len(names)))
+    assert {u.shared for u in SPEC.units if u.name.startswith("selector")} == {"selector"}
+    assert len(names) == 1 + 12 + 3 + 3 + 1
+
+
+def test_unit_tokens_follow_the_schedule_convention():
+    s = parse_keep("0.7,0.49,0.343", SPEC)
+    assert s.kept == (137, 96, 67)
+    ns = unit_tokens(SPEC, s)
+    assert ns["blocks.2"] == 197 and ns["selector.1"] == 197 and ns["merge.1"] == 197
+    assert ns["blocks.3"] == 1 + 137 + 1 and ns["selector.2"] == ns["blocks.5"] == 139
+    assert ns["blocks.11"] == ns["head"] == 1 + 67 + 3
+    assert ns["patch_embed"] == 197
+
+
+def test_sum_over_units_at_measured_counts():
+    t = table()
+    s = TokenSchedule(196, (3, 6, 9), (149, 98, 47), 12)  # blocks at 197, 151, 101, 51: between grid points
+    p = predict(t, "deit_t", s)
+    want = sum(expected(u, n) for u, n in unit_tokens(SPEC, s).items())
+    assert p.sum_ms == pytest.approx(want, rel=1e-6)  # linear costs: interpolation is exact
+    assert p.total_ms == p.sum_ms and p.overhead_ms == 0
+    assert [u.unit for u in p.units] == [u.name for u in SPEC.units]
+    assert len(p.units) == 20
+
+
+def test_interpolation_is_linear_between_measured_counts():
+    t = table()
+    # make block latency convex: interpolation must follow the chord, not the true curve
+    rows = t.frame["unit"].str.startswith("blocks.")
+    t.frame.loc[rows, "median_ms"] = t.frame.loc[rows, "tokens"] ** 2 / 1e4
+    t.frame.loc[rows, "q1_ms"] = t.frame.loc[rows, "median_ms"] * 0.9
+    t.frame.loc[rows, "q3_ms"] = t.frame.loc[rows, "median_ms"] * 1.1
+    s = parse_tokens(",".join(["197"] * 3 + ["120"] * 3 + ["120"] * 3 + ["120"] * 3), SPEC)
+    p = predict(t, "deit_t", s)
+    b = next(u for u in p.units if u.unit == "blocks.5")
+    chord = 99 ** 2 / 1e4 + (120 - 99) / (150 - 99) * (150 ** 2 - 99 ** 2) / 1e4
+    assert b.tokens == 120 and b.median_ms == pytest.approx(chord)
+    assert b.median_ms > 120 ** 2 / 1e4  # the chord lies above a convex curve
+    assert b.q1_ms == pytest.approx(chord * 0.9) and b.q3_ms == pytest.approx(chord * 1.1)
+
+
+def test_uncertainty_shared_graphs_add_linearly_groups_in_quadrature():
+    t = table()
+    f = t.frame
+    f["ci_low_ms"] = f["median_ms"] - 0.01
+    f["ci_high_ms"] = f["median_ms"] + 0.03
+    f.loc[f["unit"].str.startswith("blocks."), "graph"] = "block-graph"  # one graph for all 12 blocks
+    s = parse_keep("0.7,0.49,0.343", SPEC)
+    p = predict(t, "deit_t", s)
+    # groups: blocks at 4 stage Ns (3 units each) + 8 single units (patch_embed, 3 sel, 3 merge, head)
+    lo = math.sqrt(4 * (3 * 0.01) ** 2 + 8 * 0.01 ** 2)
+    hi = math.sqrt(4 * (3 * 0.03) ** 2 + 8 * 0.03 ** 2)
+    assert p.ci_low_ms == pytest.approx(p.total_ms - lo)
+    assert p.ci_high_ms == pytest.approx(p.total_ms + hi)
+    assert p.q1_ms == pytest.approx(sum(u.q1_ms for u in p.units))
+    assert p.q1_ms < p.total_ms < p.q3_ms
+
+
+def test_dense_macs_match_published_figures():
+    # DeiT paper / timm: 1.3 (T), 4.6 (S), 17.6 (B) GFLOPs, counted as multiply-accumulates
+    assert model_macs(get_model("deit_t")) / 1e9 == pytest.approx(1.26, rel=0.01)
+    assert model_macs(get_model("deit_s")) / 1e9 == pytest.approx(4.6, rel=0.01)
+    assert model_macs(get_model("deit_b")) / 1e9 == pytest.approx(17.6, rel=0.01)
+
+
+def test_pruned_macs_shrink_and_count_spvit_parts():
+    s = parse_keep("0.7,0.49,0.343", SPEC)
+    pruned = model_macs(SPEC, s)
+    assert 0.55 < pruned / model_macs(SPEC) < 0.7
+    assert unit_macs(SPEC, "merge.1", 197) == 196 * 192
+    assert 0 < unit_macs(SPEC, "selector.1", 197) < unit_macs(SPEC, "blocks.0", 197) / 10
+    # block MACs grow quadratically in N (attention)
+    b = [unit_macs(SPEC, "blocks.0", n) for n in (50, 100, 200)]
+    assert b[2] - b[1] > b[1] - b[0]
+    assert predict(table(), "deit_t", s).macs == pruned
+
+
+@pytest.mark.parametrize("text, msg", [
+    ("0.7,0.49", "2 keep ratios for 3 pruning locations"),
+    ("0.7,0.49,1.2", "outside (0, 1]"),
+    ("0.7,0.49,0", "outside (0, 1]"),
+    ("0.5,0.6,0.3", "increase"),
+    ("a,b,c", "bad keep ratios"),
+])
+def test_keep_parsing_errors(text, msg):
+    with pytest.raises(UsageError, match=msg.replace("(", r"\(").replace(")", r"\)")):
+        parse_keep(text, SPEC)
+
+
+@pytest.mark.parametrize("text, msg", [
+    ("197,197", "2 token counts for the 12 blocks"),
+    (",".join(["197"] * 4 + ["139"] * 2 + ["99"] * 3 + ["71"] * 3), "different token counts"),
+    (",".join(["150"] * 3 + ["139"] * 3 + ["99"] * 3 + ["71"] * 3), "see all 197 tokens"),
+    (",".join(["197"] * 3 + ["139"] * 3 + ["99"] * 3 + ["3"] * 3), "no patch token"),
+])
+def test_tokens_parsing_errors(text, msg):
+    with pytest.raises(UsageError, match=msg):
+        parse_tokens(text, SPEC)
+
+
+def test_tokens_and_keep_give_the_same_schedule():
+    s = parse_keep("0.7,0.49,0.343", SPEC)
+    assert parse_tokens(",".join(map(str, s.block_tokens())), SPEC) == s
+
+
+def test_outside_the_table_range_is_an_error():
+    t = table(grid=[50, 99, 150, 197])
+    with pytest.raises(LutError, match=r"blocks.9: 16 tokens is outside the table's measured range 50..197"):
+        predict(t, "deit_t", parse_keep("0.7,0.49,0.06", SPEC))
+
+
+def test_table_without_spvit_units_is_an_error():
+    t = synthetic_table(tokens=GRID, selectors=False)
+    with pytest.raises(LutError, match="no rows for deit_t units"):
+        predict(t, "deit_t", parse_keep("0.7,0.49,0.343", SPEC))
+
+
+def test_overhead_sidecar_roundtrip_and_correction(tmp_path):
+    t = table()
+    lut = tmp_path / "dev.csv"
+    write_lut(t, lut)
+    t = read_lut(lut)
+    assert read_overhead(lut, t) is None
+    write_overhead(lut, Overhead(per_call_ms=0.01, residual_ms=0.05, engine="tvm", tuning="untuned"))
+    assert overhead_path(lut).name == "dev.overhead.json"
+    oh = read_overhead(lut, t)
+    p = predict(t, "deit_t", parse_keep("0.7,0.49,0.343", SPEC), oh)
+    assert p.overhead_ms == pytest.approx(-19 * 0.01 + 0.05)
+    assert p.total_ms == pytest.approx(p.sum_ms - 0.14)
+    write_overhead(lut, Overhead(per_call_ms=0.01, engine="onnxruntime", tuning="none"))
+    with pytest.raises(LutError, match="calibrated for onnxruntime/none"):
+        read_overhead(lut, t)
+    overhead_path(lut).write_text("{not json")
+    with pytest.raises(LutError, match="unreadable overhead sidecar"):
+        read_overhead(lut, t)
+
+
+def _cli(*args):
+    from latprof.cli import main
+
+    return CliRunner().invoke(main, list(args))
+
+
+def test_predict_command(tmp_path):
+    lut = tmp_path / "dev.csv"
+    write_lut(table(), lut)
+    out = _cli("predict", "--lut", str(lut), "--model", "deit_t", "--keep", "0.7,0.49,0.343")
+    assert out.exit_code == 0, out.output
+    s = parse_keep("0.7,0.49,0.343", SPEC)
+    want = sum(expected(u, n) for u, n in unit_tokens(SPEC, s).items())
+    assert f"predicted latency {want:.3f} ms" in out.output
+    assert "selector.2" in out.output and "GMACs" in out.output and "1.254 GMACs" in out.output
+    out = _cli("predict", "--lut", str(lut), "--model", "deit_t", "--tokens", ",".join(map(str, s.block_tokens())), "--brief")
+    assert out.exit_code == 0 and f"predicted latency {want:.3f} ms" in out.output and "selector.2" not in out.output
+
+
+@pytest.mark.parametrize("args, msg", [
+    (["--model", "deit_x", "--keep", "0.7,0.49,0.343"], "unknown model 'deit_x'"),
+    (["--model", "deit_t", "--keep", "0.7,0.8,0.3"], "increase"),
+    (["--model", "deit_t", "--keep", "0.7,0.49,0.01"], "outside the table's measured range"),
+    (["--model", "deit_t"], "exactly one of --keep and --tokens"),
+])
+def test_predict_errors_are_one_line(tmp_path, args, msg):
+    lut = tmp_path / "dev.csv"
+    write_lut(table(), lut)
+    out = _cli("predict", "--lut", str(lut), *args)
+    assert out.exit_code == 2, out.output
+    assert msg in out.output and "fix:" in out.output
+    assert len(out.output.strip().splitlines()) == 1 and "Traceback" not in out.output
+
+
+def test_malformed_table_is_one_line(tmp_path):
+    lut = tmp_path / "bad.csv"
+    lut.write_text("model,unit\ndeit_t,blocks.0\n")
+    out = _cli("predict", "--lut", str(lut), "--model", "deit_t", "--keep", "0.7,0.49,0.343")
+    assert out.exit_code == 2 and "not a latprof table" in out.output and len(out.output.strip().splitlines()) == 1
