@@ -114,8 +114,7 @@ def measure(device, model, tokens, engine, trials, lut_out, workdir, quiet):
 def tune(device, model, tokens, trials, workdir, quiet):
     """Tune MODEL's graphs for DEVICE into the persistent tuning database (and compile them)."""
     from latprof.devices import load_config
-    from latprof.measure.engines import get_engine
-    from latprof.measure.runner import default_workdir, export_graphs, parse_tokens
+    from latprof.measure.runner import compile_graphs, default_workdir, export_graphs, make_engine, parse_tokens
     from latprof.models import get_model
     from latprof.progress import bar_factory
 
@@ -123,9 +122,9 @@ def tune(device, model, tokens, trials, workdir, quiet):
     spec = get_model(model)
     workdir = Path(workdir or default_workdir())
     bars = bar_factory(not quiet)
-    eng = get_engine("tvm", cfg, workdir, trials)
+    eng = make_engine("tvm", cfg, spec, workdir, trials)
     graphs = export_graphs(spec, parse_tokens(tokens, spec), workdir, bars)
-    libs = eng.prepare(graphs, bars)
+    libs = compile_graphs(eng, spec, graphs, workdir, bars)
     click.echo(f"{len(libs)} graphs tuned ({eng.tuning_label()}) and compiled; database in {eng.tuning_dir}")
 
 

@@ -12,28 +12,37 @@ from latprof.errors import DeviceError
 from latprof.lut.build import build_and_write
 from latprof.lut.table import read_lut
 from latprof.measure.runner import measure, store_path
+from latprof.models import get_model
 from tests.conftest import write_config
+
+
+def expected_points(tokens):
+    """Graphs measured for deit_t: fixed units once, every other shared graph at each N."""
+    spec = get_model("deit_t")
+    shared = {u.shared: u.kind for u in spec.units}
+    return sum(1 if kind == "fixed" else len(tokens) for kind in shared.values()), spec
 
 
 def test_measure_build_lut_and_resume(workdir, tmp_path):
     cfg = write_config(tmp_path / "dev.yaml")
     result = measure(str(cfg), "deit_t", [9, 17], progress=False)
-    # patch_embed once, block and head at both N
-    assert (result.measured, result.skipped) == (5, 0)
+    n_points, spec = expected_points([9, 17])
+    assert (result.measured, result.skipped) == (n_points, 0)
     records = [json.loads(line) for line in store_path(workdir, "testdev").read_text().splitlines()]
     points = [r for r in records if not r["reference"]]
-    assert len(points) == 5 and all(len(r["samples_ms"]) == 5 for r in points)
+    assert len(points) == n_points and all(len(r["samples_ms"]) == 5 for r in points)
     assert all(r["max_abs_err"] < 2e-3 for r in points)  # the device's output matched onnxruntime
     assert any(r["reference"] for r in records)  # drift reference re-measured
     # a rerun measures nothing and compiles nothing
     libs = sorted((workdir / "libs").iterdir())
     again = measure(str(cfg), "deit_t", [9, 17], progress=False)
-    assert (again.measured, again.skipped) == (0, 5)
+    assert (again.measured, again.skipped) == (0, n_points)
     assert sorted((workdir / "libs").iterdir()) == libs
 
     table = build_and_write(store_path(workdir, "testdev"), tmp_path / "luts" / "testdev.csv")
     t = read_lut(tmp_path / "luts" / "testdev.csv")
-    assert len(t.frame) == 1 + 12 * 2 + 2  # a row per block even though the block was measured once
+    # a row per unit and N although the twelve blocks were measured once per N
+    assert len(t.frame) == sum(1 if u.kind == "fixed" else 2 for u in spec.units)
     assert t.provenance["device"] == "testdev" and t.provenance["tuning"] == "untuned"
     assert t.provenance["tvm_version"] == "0.27.0.post1"
     b0, b11 = t.curve("deit_t", "blocks.0"), t.curve("deit_t", "blocks.11")
@@ -45,7 +54,7 @@ def test_measure_build_lut_and_resume(workdir, tmp_path):
 def test_onnxruntime_engine(workdir, tmp_path):
     cfg = write_config(tmp_path / "ort.yaml", name="ortdev", engine="onnxruntime")
     result = measure(str(cfg), "deit_t", [17, 33], progress=False)
-    assert result.engine == "onnxruntime" and result.measured == 5
+    assert result.engine == "onnxruntime" and result.measured == expected_points([17, 33])[0]
     t = build_and_write(store_path(workdir, "ortdev"), tmp_path / "ort.csv")
     assert set(t.frame["engine"]) == {"onnxruntime"} and set(t.frame["tuning"]) == {"none"}
     n17, n33 = t.latency_ms("deit_t", "blocks.0", 17), t.latency_ms("deit_t", "blocks.0", 33)
@@ -75,7 +84,7 @@ def test_device_dropping_mid_run_keeps_samples_and_resumes(workdir, tmp_path, mo
     assert len(kept) == 2
     monkeypatch.setattr(engines.TVMEngine, "measure", original)
     result = measure(str(cfg), "deit_t", [9, 17], progress=False)
-    assert (result.measured, result.skipped) == (3, 2)
+    assert (result.measured, result.skipped) == (expected_points([9, 17])[0] - 2, 2)
 
 
 def test_torn_last_line_is_ignored(workdir, tmp_path):

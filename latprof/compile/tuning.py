@@ -4,9 +4,10 @@ A DeiT-T block has 13 tasks at each N; tuning every task at every N of a 12-poin
 on a small CPU. Two things make it affordable:
 - only the tasks that matter are tuned (matmuls, softmax, layer norm, GELU): the injective
   reshapes and transposes cost microseconds and get TVM's default schedule;
-- tuning is shared across token counts: the grid's *anchor* counts are tuned with the trial budget,
-  and every other count replays the tuned schedule of the same task at the nearest anchor, with its
-  tile sizes re-factored for the new extent ("transfer"). A transferred schedule is checked like any
+- tuning is shared across token counts: only *anchor* counts (default one, N=192) are tuned with the
+  trial budget, and every measured count replays the tuned schedule of the same task at the nearest
+  anchor, with its tile sizes re-fitted to the new extent ("transfer"; a loop that no longer divides
+  gets a predicated tail). A transferred schedule is checked like any
   other: the outputs are compared with onnxruntime before a sample is kept.
 
 The persistent database lives under `<workdir>/tuning/<device>-<target hash>/`, so later runs and the
@@ -16,6 +17,7 @@ final deployment reuse it; `budget.json` there records the trials each task has 
 from __future__ import annotations
 
 import json
+import math
 import re
 from pathlib import Path
 
@@ -28,10 +30,13 @@ def is_heavy(task_name: str) -> bool:
     return bool(HEAVY.search(task_name))
 
 
-def anchors(tokens: list[int], every: int = 4) -> list[int]:
-    """The token counts tuned for real: the largest, then every `every`-th below it."""
-    ordered = sorted(set(tokens), reverse=True)
-    return sorted(ordered[::every])
+def anchor_tokens(max_tokens: int, configured: list | None = None) -> list[int]:
+    """Token counts tuned for real. Default: the largest multiple of 32 not above the model's maximum
+    (192 for DeiT): a count with many divisors gives MetaSchedule real tile choices, which then re-factor
+    well for every other N (197 is prime: tuned there, every tile of the token loop is trivial)."""
+    if configured:
+        return sorted({int(n) for n in configured})
+    return [max(32, max_tokens // 32 * 32)]
 
 
 class TuningDB:
@@ -61,17 +66,14 @@ def task_key(task) -> str:
     return "%016x" % (tvmlib.tvm().ir.structural_hash(task.dispatched[0]) & (2**64 - 1))
 
 
-def refactor_tile(extent: int, old: list[int]) -> list[int]:
-    """Tile factors for `extent` shaped like `old`: keep each inner factor as far as it divides
-    what is left (largest divisor not above it), the outermost takes the rest."""
-    new, rem = [1] * len(old), extent
-    for i in range(len(old) - 1, 0, -1):
-        f = max(1, min(int(old[i]), rem))
-        while rem % f:
-            f -= 1
-        new[i], rem = f, rem // f
-    new[0] = rem
-    return new
+def refit_tile(extent: int, old: list[int]) -> list[int]:
+    """Tile factors for `extent` shaped like `old`: the inner factors stay (they set the vector width and
+    register blocking that tuning found), dropping the largest while they exceed the extent; the outer
+    factor covers the rest, with a predicated tail when it does not divide."""
+    inner = [int(v) for v in old[1:]]
+    while math.prod(inner) > extent and max(inner, default=1) > 1:
+        inner[inner.index(max(inner))] = 1
+    return [-(-extent // max(math.prod(inner), 1))] + inner
 
 
 def transfer(db, src_task, dst_task, target) -> bool:
@@ -87,7 +89,7 @@ def transfer(db, src_task, dst_task, target) -> bool:
 
     def adjust(inst, inputs, attrs, decision):
         if inst.kind.name == "SamplePerfectTile":
-            return refactor_tile(int(sch.get(inputs[0]).extent), [int(v) for v in decision])
+            return refit_tile(int(sch.get(inputs[0]).extent), [int(v) for v in decision])
         return decision
 
     try:

@@ -62,8 +62,8 @@ class OnnxRuntimeEngine:
     def target_label(self) -> str:
         return f"onnxruntime-{self.ort.__version__}-cpu"
 
-    def prepare(self, graphs: list[Graph], progress) -> dict[str, str]:
-        return {g.digest: "" for g in graphs}
+    def prepare(self, graphs: list[Graph], progress, anchors: list[Graph] = ()) -> dict[str, str]:
+        return {g.digest: "" for g in graphs}  # onnxruntime runs the ONNX files as they are
 
     def measure(self, session, graph: Graph, artifact: str) -> tuple[list[float], float]:
         so = self.ort.SessionOptions()
@@ -107,9 +107,13 @@ class TVMEngine:
         self.tuning_dir = self.workdir / "tuning" / f"{cfg.name}-{spec_hash}"
         self.lib_dir = self.workdir / "libs"
         self._vms: dict[str, tuple] = {}
+        self.anchors: list[int] = []  # set by the runner from the model and config
 
     def tuning_label(self) -> str:
-        return f"metaschedule:{self.trials}" if self.trials > 0 else "untuned"
+        """Recorded with every row: trials per task, and the anchor token counts they were spent at."""
+        if self.trials <= 0:
+            return "untuned"
+        return f"metaschedule:{self.trials}@" + "+".join(map(str, self.anchors))
 
     def target_label(self) -> str:
         return json.dumps(self.target_spec, sort_keys=True)
@@ -118,12 +122,14 @@ class TVMEngine:
     def _prepared(self, graph: Graph):
         return self.tvmlib.prepare(self.tvmlib.import_onnx(graph.path), self.target)
 
-    def prepare(self, graphs: list[Graph], progress) -> dict[str, str]:
-        """Tune what is missing (within the budget), then compile every graph; returns lib paths."""
-        prepared = {g.digest: self._prepared(g) for g in graphs}
+    def prepare(self, graphs: list[Graph], progress, anchors: list[Graph] = ()) -> dict[str, str]:
+        """Tune what is missing (within the budget), then compile every graph; returns lib paths.
+
+        `anchors` are graphs at the anchor token counts: tuned, never measured (see compile/tuning.py)."""
+        prepared = {g.digest: self._prepared(g) for g in [*graphs, *anchors]}
         db = tuning.TuningDB(self.tuning_dir) if self.trials > 0 else None
         if db is not None:
-            self._tune(graphs, prepared, db, progress)
+            self._tune(graphs, list(anchors), prepared, db, progress)
         libs = {}
         bar = progress(total=len(graphs), desc="compile", unit="graph")
         for g in graphs:
@@ -132,17 +138,17 @@ class TVMEngine:
         bar.close()
         return libs
 
-    def _tune(self, graphs, prepared, db, progress) -> None:
-        tasks_at = {g.tokens: [] for g in graphs}
-        by_graph = {}
-        for g in graphs:
-            tasks = [t for t in self.tvmlib.extract_tasks(prepared[g.digest], self.target) if tuning.is_heavy(t.task_name)]
-            by_graph[g.digest] = tasks
-            tasks_at[g.tokens].extend((g, t) for t in tasks)
-        anchor_ns = set(tuning.anchors(list(tasks_at)))
+    def _tasks(self, mod) -> list:
+        return [t for t in self.tvmlib.extract_tasks(mod, self.target) if tuning.is_heavy(t.task_name)]
+
+    def _tune(self, graphs, anchors, prepared, db, progress) -> None:
+        anchored = {a.shared for a in anchors}
+        # tuned for real: the anchors, and graphs of units that have no anchor (fixed-cost units)
+        direct = anchors + [g for g in graphs if g.shared not in anchored]
+        tasks = {g.digest: self._tasks(prepared[g.digest]) for g in [*graphs, *anchors]}
         todo, seen = [], set()
-        for n in sorted(anchor_ns):
-            for g, t in tasks_at[n]:
+        for g in direct:
+            for t in tasks[g.digest]:
                 key = tuning.task_key(t)
                 if key not in seen and db.trials(key) < self.trials:
                     seen.add(key)
@@ -152,33 +158,34 @@ class TVMEngine:
             deadline = time.monotonic() + self.cfg.tuning["max_minutes"] * 60
             for key, task in todo:  # one task at a time: progress, a time budget, and resumable
                 if time.monotonic() > deadline:
-                    bar.write(f"tuning budget of {self.cfg.tuning['max_minutes']} min spent; "
-                              f"{len(todo) - bar.n} tasks keep their best schedule so far")
+                    bar.write(f"tuning time budget ({self.cfg.tuning['max_minutes']} min) spent: "
+                              f"{len(todo) - bar.n} tasks keep TVM's default schedule; `latprof tune` continues")
                     break
                 try:
-                    self.tvmlib.tune_tasks([task], self.target, self.tuning_dir, self.trials,
-                                           runner=self._runner())
+                    self.tvmlib.tune_tasks([task], self.target, self.tuning_dir, self.trials, runner=self._runner())
                 except Exception as exc:
                     raise CompileError(f"MetaSchedule failed on task {task.task_name}: {str(exc).splitlines()[-1][:200]}",
                                        "check apache-tvm-ffi<0.1.15 and that psutil, cloudpickle, tornado, xgboost are installed") from None
-                db.record(key, trials=self.trials, name=task.task_name, tuned_at=task.dispatched and "anchor")
+                db.record(key, trials=self.trials, name=task.task_name, tuned=True)
                 db.save()
                 bar.update(1)
             bar.close()
             db.db = self.tvmlib.database(self.tuning_dir)  # re-read what the tuner wrote
-        # every other N replays the nearest anchor's schedule of the same task
+        # every other graph replays the nearest anchor's schedule of the same task
         for g in graphs:
-            if g.tokens in anchor_ns:
+            if g.shared not in anchored:
                 continue
-            nearest = min(anchor_ns, key=lambda a: abs(a - g.tokens))
-            sources = {t.task_name: t for gg, t in tasks_at[nearest] if gg.shared == g.shared}
-            for t in by_graph[g.digest]:
+            src = min((a for a in anchors if a.shared == g.shared), key=lambda a: abs(a.tokens - g.tokens))
+            if src.digest == g.digest:
+                continue
+            sources = {t.task_name: t for t in tasks[src.digest]}
+            for t in tasks[g.digest]:
                 key = tuning.task_key(t)
                 if db.trials(key) >= self.trials or t.task_name not in sources:
                     continue
                 if tuning.transfer(db.db, sources[t.task_name], t, self.target):
-                    db.record(key, trials=self.trials, name=t.task_name, transferred_from=nearest)
-            db.save()
+                    db.record(key, trials=self.trials, name=t.task_name, transferred_from=src.tokens)
+        db.save()
 
     def _runner(self):
         return "local"

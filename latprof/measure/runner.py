@@ -116,7 +116,7 @@ def measure(device: str | DeviceConfig, model: str, tokens: str | list[int] | No
     grid = tokens if isinstance(tokens, list) else parse_tokens(tokens, spec)
     workdir = Path(workdir or default_workdir())
     bars = bar_factory(progress)
-    eng = get_engine(engine or cfg.engine, cfg, workdir, trials)
+    eng = make_engine(engine or cfg.engine, cfg, spec, workdir, trials)
     graphs = export_graphs(spec, grid, workdir, bars)
     store = SampleStore(store_path(workdir, cfg.name))
     provenance = {
@@ -131,7 +131,7 @@ def measure(device: str | DeviceConfig, model: str, tokens: str | list[int] | No
         echo(f"resuming: {skipped} of {len(graphs)} points already measured in {store.path}")
     if not todo:
         return MeasureResult(cfg.name, spec.name, eng.name, 0, skipped, store.path, None)
-    artifacts = eng.prepare(todo, bars)
+    artifacts = compile_graphs(eng, spec, todo, workdir, bars)
     random.Random(seed).shuffle(todo)
     reference = max(graphs, key=lambda g: (g.shared != "patch_embed", g.tokens))
     versions = {"latprof": latprof.__version__, "tvm": _tvm_version(), "packages": _versions()}
@@ -151,7 +151,7 @@ def measure(device: str | DeviceConfig, model: str, tokens: str | list[int] | No
     session = session_cm.__enter__() if session_cm else None
     try:
         info = session.info() if session else _local_info()
-        ref_artifacts = artifacts if reference.digest in artifacts else {**artifacts, **eng.prepare([reference], bars)}
+        ref_artifacts = artifacts if reference.digest in artifacts else {**artifacts, **compile_graphs(eng, spec, [reference], workdir, bars)}
         bar = bars(total=len(todo), desc=f"measure {spec.name} on {cfg.name} ({eng.name})", unit="point")
         for i, g in enumerate(todo):
             if every and i % every == 0:
@@ -176,6 +176,28 @@ def measure(device: str | DeviceConfig, model: str, tokens: str | list[int] | No
         echo(f"warning: the reference point drifted by {drift:.1%} during the run (thermal or frequency change?); "
              "it is recorded in the table's provenance")
     return MeasureResult(cfg.name, spec.name, eng.name, measured, skipped, store.path, drift)
+
+
+def compile_graphs(eng, spec: ModelSpec, graphs: list[Graph], workdir: Path, bars) -> dict[str, str]:
+    """Tune (what is missing) and compile graphs with an engine; returns {graph digest: artifact}.
+
+    For TVM the token-dependent units are tuned at the anchor counts (exported here, never measured)
+    and every measured count reuses those schedules; see compile/tuning.py."""
+    anchors = []
+    if eng.name == "tvm" and eng.trials > 0:
+        anchors = [g for g in export_graphs(spec, eng.anchors, workdir, bars)
+                   if spec.unit_by_shared(g.shared).kind == "tokens"]
+    return eng.prepare(graphs, bars, anchors=anchors)
+
+
+def make_engine(name: str, cfg: DeviceConfig, spec: ModelSpec, workdir: Path, trials: int | None = None):
+    """An engine set up for a model: for TVM, the anchor token counts its tuning label names."""
+    eng = get_engine(name, cfg, workdir, trials)
+    if eng.name == "tvm":
+        from latprof.compile.tuning import anchor_tokens
+
+        eng.anchors = anchor_tokens(spec.max_tokens, cfg.tuning.get("anchors"))
+    return eng
 
 
 def _median(xs: list[float]) -> float:

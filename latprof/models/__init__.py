@@ -39,6 +39,9 @@ class ModelSpec:
     builder: Callable = field(repr=False, default=None)
     description: str = ""
 
+    def unit_by_shared(self, shared: str) -> Unit:
+        return next(u for u in self.units if u.shared == shared)
+
     def unit(self, name: str) -> Unit:
         for u in self.units:
             if u.name == name:
