@@ -105,7 +105,7 @@ def random_schedules(table, spec, count: int, seed: int = 0) -> list[TokenSchedu
                              "measure a wider token grid or ask for fewer --configs")
         ratios = sorted((rng.uniform(k_min / patches, 1.0) for _ in range(stages)), reverse=True)
         kept = [max(1, round(patches * r)) for r in ratios]
-        if any(1 + k + s < lo_n for s, k in enumerate(kept, start=1)) or tuple(kept) in seen:
+        if any(not lo_n <= 1 + k + s <= hi_n for s, k in enumerate(kept, start=1)) or tuple(kept) in seen:
             continue
         seen.add(tuple(kept))
         out.append(TokenSchedule(patches, locs, tuple(kept), depth))
@@ -122,10 +122,16 @@ def pruned_model(spec, kept):
 
     torch.manual_seed(1)
     sp = SPViT(vit, spec.pruning_locations).eval()
+    with torch.no_grad():  # well-separated keep scores: no near-ties at the top-k boundary, so every
+        for sel in sp.selectors:  # runtime removes the same tokens and outputs compare (latency is unchanged)
+            for w in (sel.w_in, sel.w1, sel.w2, sel.w3):
+                w.normal_(0.0, 1.0)
     return StaticSPViT(sp, kept).eval()
 
 
 def _export_model(spec, kept, graph_dir: Path):
+    """The whole pruned model as ONNX (content-addressed like the units). onnxruntime is checked
+    against torch as for units, on the logits."""
     from latprof.export import export_unit
 
     return export_unit(pruned_model(spec, kept), (1, 3, 224, 224), graph_dir, spec.name,

@@ -1,0 +1,82 @@
+"""Validation: random schedules inside the table, and one real end-to-end run with onnxruntime."""
+
+import json
+
+import numpy as np
+import pytest
+
+from latprof.errors import LutError
+from latprof.models import get_model
+from latprof.predict import read_overhead, unit_tokens
+from latprof.train.synthetic import synthetic_table
+from latprof.validate import _table_trials, random_schedules
+from tests.conftest import write_config
+
+SPEC = get_model("deit_t")
+
+
+def test_random_schedules_stay_inside_the_grid():
+    t = synthetic_table(tokens=[17, 50, 99, 197], selectors=True)
+    scheds = random_schedules(t, SPEC, 30, seed=3)
+    assert len({s.kept for s in scheds}) == 30
+    for s in scheds:
+        assert list(s.kept) == sorted(s.kept, reverse=True)
+        assert all(17 <= n <= 197 for n in unit_tokens(SPEC, s).values())
+    assert [s.kept for s in random_schedules(t, SPEC, 30, seed=3)] == [s.kept for s in scheds]  # seeded
+    spread = [s.kept[-1] for s in scheds]
+    assert max(spread) - min(spread) > 50  # light to heavy pruning
+
+
+def test_random_schedules_need_the_dense_count():
+    t = synthetic_table(tokens=[17, 50, 99, 150], selectors=True)
+    with pytest.raises(LutError, match="needs 197"):
+        random_schedules(t, SPEC, 3)
+
+
+def test_tuning_labels():
+    assert _table_trials("untuned") == 0 and _table_trials("none") == 0
+    assert _table_trials("metaschedule:16") == 16 and _table_trials("metaschedule:64@17+99+197") == 64
+    with pytest.raises(LutError):
+        _table_trials("autotvm")
+
+
+def test_end_to_end_validation_onnxruntime(workdir, tmp_path):
+    """Measure a small grid, build the table, validate K=3 whole pruned models, resume, calibrate."""
+    from click.testing import CliRunner
+
+    from latprof.cli import main
+    from latprof.lut.build import build_and_write
+    from latprof.measure.runner import measure, store_path
+    from latprof.validate import validate
+
+    cfg = write_config(tmp_path / "ort.yaml", name="ortval", engine="onnxruntime", threads=1,
+                       measure={"repeats": 7, "number": 0, "min_repeat_ms": 5})
+    measure(str(cfg), "deit_t", [17, 50, 99, 197], progress=False)
+    lut = tmp_path / "luts" / "ortval.csv"
+    table = build_and_write(store_path(workdir, "ortval"), lut)
+    assert {"selector.1", "merge.3"} <= set(table.units("deit_t"))
+
+    v = validate(str(cfg), "deit_t", lut, configs=3, seed=0, progress=False, plot=tmp_path / "v.png", echo=lambda *a: None)
+    assert len(v.configs) == 3 and v.engine == "onnxruntime"
+    lines = v.results_path.read_text().splitlines()
+    assert len(lines) == 3
+    for c in v.configs:
+        assert c.measured_ms > 0 and c.predicted_ms == c.sum_ms > 0
+        assert np.isfinite(c.error) and abs(c.error) < 1.0  # same order of magnitude as the sum of units
+        assert len(c.samples_ms) == 7
+    rec = json.loads(lines[0])
+    assert rec["kept"] == v.configs[0].kept and rec["engine"] == "onnxruntime"
+    assert (tmp_path / "v.png").read_bytes()[:4] == b"\x89PNG"
+
+    # resumable: nothing measured again
+    again = validate(str(cfg), "deit_t", lut, configs=3, seed=0, progress=False, echo=lambda *a: None)
+    assert len(v.results_path.read_text().splitlines()) == 3
+    assert [c.measured_ms for c in again.configs] == [c.measured_ms for c in v.configs]
+
+    # calibration writes the sidecar that predictions then use
+    cal = validate(str(cfg), "deit_t", lut, configs=2, seed=1, calibrate=True, progress=False, echo=lambda *a: None)
+    oh = read_overhead(lut, table)
+    assert oh is not None and oh.n_configs == 2 and 0 < oh.per_call_ms < 1.0
+    assert cal.per_call_ms == oh.per_call_ms
+    out = CliRunner().invoke(main, ["predict", "--lut", str(lut), "--model", "deit_t", "--keep", "0.7,0.49,0.343"])
+    assert out.exit_code == 0 and "overhead correction" in out.output, out.output
