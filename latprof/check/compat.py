@@ -65,6 +65,10 @@ def check_comparable(baseline, candidate, rows_baseline=None, rows_candidate=Non
 def check_device(baseline, device: str | None) -> None:
     """The --device the user named must be the baseline's device."""
     recorded = (baseline.provenance or {}).get("device")
+    if device and device.endswith((".yaml", ".yml")):  # a config path: compare the device's name
+        from latprof.devices import load_config
+
+        device = load_config(device).name
     if device and recorded and device != recorded:
         raise UsageError(f"--device {device} but the baseline {_label(baseline, 'table')} was measured on '{recorded}'",
                          f"use --device {recorded} or the baseline table of {device}")

@@ -57,11 +57,14 @@ class MeasureResult:
     drift: float | None
 
 
-def export_graphs(spec: ModelSpec, tokens: list[int], workdir: Path, progress) -> list[Graph]:
+def export_graphs(spec: ModelSpec, tokens: list[int], workdir: Path, progress,
+                  shared_keys: set[str] | None = None) -> list[Graph]:
     """One graph per (shared unit, N); fixed units at their own N. Cached by an index so a warm run
     does not rebuild the torch model."""
     wanted = []
     for shared in dict.fromkeys(u.shared for u in spec.units):
+        if shared_keys is not None and shared not in shared_keys:
+            continue
         unit = next(u for u in spec.units if u.shared == shared)
         for n in ([unit.fixed_tokens] if unit.kind == "fixed" else tokens):
             wanted.append((shared, n))
@@ -110,15 +113,19 @@ def store_path(workdir: Path, device: str) -> Path:
 
 def measure(device: str | DeviceConfig, model: str, tokens: str | list[int] | None = None,
             engine: str | None = None, workdir: Path | None = None, trials: int | None = None,
-            progress: bool = True, seed: int = 0, echo=print) -> MeasureResult:
+            progress: bool = True, seed: int = 0, echo=print, units: list[str] | None = None,
+            store: Path | None = None) -> MeasureResult:
+    """Measure `units` (default all) of `model` at `tokens`; samples go to `store` (default the
+    device's store in the workdir)."""
     cfg = device if isinstance(device, DeviceConfig) else load_config(device)
     spec = get_model(model)
     grid = tokens if isinstance(tokens, list) else parse_tokens(tokens, spec)
     workdir = Path(workdir or default_workdir())
     bars = bar_factory(progress)
     eng = make_engine(engine or cfg.engine, cfg, spec, workdir, trials)
-    graphs = export_graphs(spec, grid, workdir, bars)
-    store = SampleStore(store_path(workdir, cfg.name))
+    shared_keys = None if not units else {spec.unit(u).shared for u in units}
+    graphs = export_graphs(spec, grid, workdir, bars, shared_keys)
+    store = SampleStore(store or store_path(workdir, cfg.name))
     provenance = {
         "device": cfg.name, "engine": eng.name, "tuning": eng.tuning_label(), "target": eng.target_label(),
         "settings": cfg.settings(), "emulated": cfg.emulated, "transport": cfg.transport,
@@ -198,6 +205,40 @@ def make_engine(name: str, cfg: DeviceConfig, spec: ModelSpec, workdir: Path, tr
 
         eng.anchors = anchor_tokens(spec.max_tokens, cfg.tuning.get("anchors"))
     return eng
+
+
+def remeasure_like(baseline, device: str | DeviceConfig, model: str, units: list[str] | None = None,
+                   workdir: Path | None = None, progress: bool = True):
+    """A fresh table of `model` measured like `baseline` (same engine, tuning budget, token counts and
+    measurement settings), for `latprof check`. Its samples go to a store of their own."""
+    import dataclasses
+    import re
+
+    from latprof.lut.build import build_lut
+
+    cfg = device if isinstance(device, DeviceConfig) else load_config(device)
+    prov = baseline.provenance
+    base_settings = prov.get("settings") or {}
+    cfg = dataclasses.replace(cfg, measure={**cfg.measure, **{k: v for k, v in base_settings.items() if k in cfg.measure}},
+                              threads=base_settings.get("threads", cfg.threads), cpus=base_settings.get("cpus", cfg.cpus))
+    frame = baseline.model_frame(model)
+    if units:
+        frame = frame[frame["unit"].isin(units)]
+        if frame.empty:
+            raise UsageError(f"the baseline has none of the units {units} for {model}",
+                             f"choose from {baseline.units(model)}")
+    engine = prov.get("engine") or baseline.engine
+    m = re.match(r"metaschedule:(\d+)", str(prov.get("tuning", "")))
+    trials = int(m.group(1)) if m else 0
+    workdir = Path(workdir or default_workdir())
+    stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%S%f")
+    store = workdir / "samples" / f"check-{cfg.name}-{stamp}.jsonl"
+    measure(cfg, model, sorted({int(n) for n in frame["tokens"]}), engine, workdir, trials, progress,
+            units=sorted(set(frame["unit"])), store=store, echo=lambda *a, **k: None)
+    table = build_lut(store, engine=engine)
+    keep = table.frame.merge(frame[["unit", "tokens"]], on=["unit", "tokens"])
+    table.frame = keep.reset_index(drop=True)
+    return table
 
 
 def _median(xs: list[float]) -> float:

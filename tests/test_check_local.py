@@ -1,0 +1,43 @@
+"""A real regression check on `local`: measure a baseline, re-measure and check against it (passes),
+then check a deliberately slowed candidate (measured while busy processes compete for every core: fails)."""
+
+import os
+import subprocess
+import sys
+
+from click.testing import CliRunner
+
+from latprof.cli import main
+from latprof.lut.build import build_and_write
+from latprof.measure.runner import measure, store_path
+from tests.conftest import write_config
+
+SETTINGS = {"warmup": 3, "repeats": 25, "number": 0, "min_repeat_ms": 10, "reference_every": 0}
+
+
+def test_check_against_fresh_baseline_and_slowed_candidate(workdir, tmp_path):
+    base_cfg = write_config(tmp_path / "base.yaml", name="chk", engine="onnxruntime", threads=2, measure=SETTINGS)
+    measure(str(base_cfg), "deit_s", [197], units=["blocks.0"], progress=False)
+    build_and_write(store_path(workdir, "chk"), tmp_path / "base.csv")
+
+    # nothing changed: re-measured like the baseline, within a tolerance above this machine's drift
+    out = CliRunner().invoke(main, ["check", "--device", str(base_cfg), "--model", "deit_s", "--baseline",
+                                    str(tmp_path / "base.csv"), "--units", "blocks.0", "--tolerance", "median:25%"])
+    assert out.exit_code == 0, out.output
+    assert "blocks.0" in out.output
+
+    # a deliberately slowed candidate: the same block while busy loops take every core
+    slow_store = tmp_path / "slow.jsonl"
+    hogs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(2 * (os.cpu_count() or 2))]
+    try:
+        measure(str(base_cfg), "deit_s", [197], units=["blocks.0"], progress=False, store=slow_store)
+    finally:
+        for hog in hogs:
+            hog.kill()
+            hog.wait()
+    build_and_write(slow_store, tmp_path / "slow.csv")
+    out = CliRunner().invoke(main, ["check", "--device", str(base_cfg), "--model", "deit_s", "--baseline",
+                                    str(tmp_path / "base.csv"), "--candidate", str(tmp_path / "slow.csv"),
+                                    "--tolerance", "median:25%", "--format", "json"])
+    assert out.exit_code == 1, out.output
+    assert "regression" in out.output
