@@ -41,3 +41,16 @@ def test_check_against_fresh_baseline_and_slowed_candidate(workdir, tmp_path):
                                     "--tolerance", "median:25%", "--format", "json"])
     assert out.exit_code == 1, out.output
     assert "regression" in out.output
+
+
+def test_interleaved_check_of_two_builds(workdir, tmp_path):
+    """--interleave: the baseline build's modules and the current ones, timed alternately in one job."""
+    cfg = write_config(tmp_path / "base.yaml", name="chk", engine="onnxruntime", threads=1, measure=SETTINGS)
+    measure(str(cfg), "deit_t", [50], units=["blocks.0"], progress=False)
+    build_and_write(store_path(workdir, "chk"), tmp_path / "base.csv")
+    out = CliRunner().invoke(main, ["check", "--device", str(cfg), "--model", "deit_t", "--baseline",
+                                    str(tmp_path / "base.csv"), "--units", "blocks.0", "--interleave",
+                                    "--baseline-build", str(workdir), "--tolerance", "median:25%", "--format", "json"])
+    assert out.exit_code == 0, out.output
+    stores = sorted(p.name.split("-")[1] for p in (workdir / "samples").glob("interleave-*.jsonl"))
+    assert stores == ["baseline", "candidate"]

@@ -108,11 +108,9 @@ def _measure(base, device, models, units, interleave, baseline_build, rounds):
         if not baseline_build:
             raise UsageError("--interleave needs the baseline's compiled build",
                              "pass --baseline-build DIR (the baseline commit's build), or drop --interleave")
-        fn = getattr(runner, "remeasure_interleaved", None)
-        if fn is None:
-            raise UsageError("this latprof cannot measure two builds in alternation yet",
-                             "drop --interleave, or compare two existing tables with --candidate FILE")
-        fresh_base, cand = fn(base, device, models, units or None, baseline_build=baseline_build, rounds=rounds)
+        from latprof.measure.interleave import remeasure_interleaved
+
+        fresh_base, cand = remeasure_interleaved(base, device, models, units or None, baseline_build=baseline_build, rounds=rounds)
         return fresh_base, cand
     fn = getattr(runner, "remeasure_like", None)
     if fn is None:
