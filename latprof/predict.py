@@ -18,9 +18,13 @@ End to end is not exactly the sum of units measured one call each: every unit me
 engine's own per-call cost (VM or session entry, argument handling), the token removal (top-k, gather,
 concat) at the pruning locations belongs to no unit, and caches/fusion differ across unit boundaries.
 An `Overhead` (a sidecar next to the table, written by `latprof validate --calibrate`) corrects the sum:
-    predicted = sum(units) - (calls - 1) * per_call_ms + residual_ms
-where per_call_ms is measured on the device with a trivial graph and residual_ms is the median of
-(measured - corrected sum) over calibration schedules. See `latprof.validate`.
+    predicted = scale * (sum(units) - (calls - 1) * per_call_ms) + residual_ms
+per_call_ms is measured on the device with a trivial graph (interleaved with the calibration runs);
+scale is the median ratio of measured to call-corrected sum over calibration schedules. The gap is
+multiplicative on this host (onnxruntime, 1 thread: e2e about 1.1x the sum of units, roughly
+constant over schedules): a unit timed alone runs with its weights and activations hot in cache,
+in the whole model every block's weights are evicted by the other eleven's, and the token removal
+(top-k, gather, concat) runs too. See `latprof.validate`.
 
 MACs are counted analytically (multiply-accumulates, batch 1), next to the prediction.
 """
@@ -159,22 +163,27 @@ def model_macs(spec, schedule: TokenSchedule | None = None) -> int:
 # -- overhead (non-additivity) ---------------------------------------------------------------------------
 @dataclass
 class Overhead:
-    """How end to end differs from the sum of units, for one table (engine, tuning, device)."""
+    """How end to end differs from the sum of units, for one table (engine, tuning, device, statistic)."""
 
     per_call_ms: float = 0.0        # engine call cost measured with a trivial graph on the device
-    residual_ms: float = 0.0        # median (measured - corrected sum) over calibration schedules
-    residual_mad_ms: float = 0.0
+    scale: float = 1.0              # median of measured / (sum - (calls - 1) * per_call) over calibration
+    residual_ms: float = 0.0        # additive constant (0 unless set by hand)
+    spread: float = 0.0             # median absolute deviation of that ratio: the model's own noise
     n_configs: int = 0
+    statistic: str = "median"       # the sample statistic the table and the calibration were read with
     device: str = ""
     engine: str = ""
     tuning: str = ""
     table: str = ""
     created: str = ""
-    method: str = "predicted = sum(units) - (calls - 1) * per_call_ms + residual_ms"
+    method: str = "predicted = scale * (sum(units) - (calls - 1) * per_call_ms) + residual_ms"
     schema: int = OVERHEAD_SCHEMA
 
-    def correction_ms(self, calls: int) -> float:
-        return -(calls - 1) * self.per_call_ms + self.residual_ms
+    def apply(self, sum_ms: float, calls: int) -> float:
+        return self.scale * (sum_ms - (calls - 1) * self.per_call_ms) + self.residual_ms
+
+    def correction_ms(self, sum_ms: float, calls: int) -> float:
+        return self.apply(sum_ms, calls) - sum_ms
 
 
 def overhead_path(lut_path: str | Path) -> Path:
@@ -182,7 +191,7 @@ def overhead_path(lut_path: str | Path) -> Path:
     return p.with_name(p.stem + ".overhead.json")
 
 
-def read_overhead(lut_path: str | Path, table=None) -> Overhead | None:
+def read_overhead(lut_path: str | Path, table=None, statistic: str | None = None) -> Overhead | None:
     path = overhead_path(lut_path)
     if not path.exists():
         return None
@@ -199,6 +208,9 @@ def read_overhead(lut_path: str | Path, table=None) -> Overhead | None:
         if (oh.engine, oh.tuning) != (engine, tuning):
             raise LutError(f"{path} was calibrated for {oh.engine}/{oh.tuning}, the table is {engine}/{tuning}",
                            "recalibrate with `latprof validate --calibrate`, or pass --no-overhead")
+    if statistic is not None and statistic != oh.statistic:
+        raise LutError(f"{path} was calibrated with --stat {oh.statistic}, not {statistic}",
+                       f"use --stat {oh.statistic}, recalibrate with --stat {statistic}, or pass --no-overhead")
     return oh
 
 
@@ -215,6 +227,44 @@ def _table_engine(table) -> tuple[str, str]:
     engine = table.engine
     tunings = sorted(set(table.frame["tuning"].astype(str)))
     return engine, table.provenance.get("tuning") or (tunings[0] if len(tunings) == 1 else ",".join(tunings))
+
+
+# -- statistics -----------------------------------------------------------------------------------------
+STATS = ("median", "min", "q10", "q25")
+
+
+def parse_stat(text: str) -> str:
+    if text not in STATS:
+        raise UsageError(f"unknown statistic '{text}'", f"use one of {', '.join(STATS)}")
+    return text
+
+
+def sample_stat(samples, stat: str) -> float:
+    import numpy as np
+
+    x = np.asarray(samples, dtype=float)
+    if stat == "min":
+        return float(x.min())
+    return float(np.percentile(x, {"median": 50, "q10": 10, "q25": 25}[parse_stat(stat)]))
+
+
+def table_statistic(table, stat: str):
+    """The table read with another statistic of its raw samples (``min``, ``q10``, ``q25``): low
+    quantiles are robust to other jobs on a shared host, which only ever slow a run down. The CI of the
+    median is shifted along with it (an approximation; the spread of a low quantile is not wider)."""
+    from latprof.lut.table import LutTable
+
+    if parse_stat(stat) == "median":
+        return table
+    f = table.frame.copy()
+    value = f["samples_ms"].map(lambda v: sample_stat([float(x) for x in str(v).split()], stat))
+    shift = value - f["median_ms"]
+    f["ci_low_ms"] = f["ci_low_ms"] + shift
+    f["ci_high_ms"] = f["ci_high_ms"] + shift
+    f["median_ms"] = value
+    f["q1_ms"] = f[["q1_ms", "median_ms"]].min(axis=1)
+    f["q3_ms"] = f[["q3_ms", "median_ms"]].max(axis=1)
+    return LutTable(f, {**table.provenance, "statistic": stat}, table.path)
 
 
 # -- prediction ------------------------------------------------------------------------------------------
@@ -295,10 +345,13 @@ def predict(table, model: str, schedule: TokenSchedule, overhead: Overhead | Non
         acc[1] += u.ci_high_ms - u.median_ms
     lo = math.sqrt(sum(a * a for a, _ in groups.values()))
     hi = math.sqrt(sum(b * b for _, b in groups.values()))
-    corr = overhead.correction_ms(len(out)) if overhead else 0.0
+    calls = len(out)
+    fix = overhead.apply if overhead else (lambda v, c: v)
+    corr = fix(total, calls) - total
+    k = overhead.scale if overhead else 1.0
     return Prediction(model, engine, tuning, tuple(schedule.kept), schedule.block_tokens(), out, total, corr,
-                      total + corr - lo, total + corr + hi, sum(u.q1_ms for u in out) + corr,
-                      sum(u.q3_ms for u in out) + corr, sum(u.macs for u in out), overhead)
+                      fix(total, calls) - k * lo, fix(total, calls) + k * hi, fix(sum(u.q1_ms for u in out), calls),
+                      fix(sum(u.q3_ms for u in out), calls), sum(u.macs for u in out), overhead)
 
 
 def format_prediction(p: Prediction, breakdown: bool = True) -> str:
@@ -308,8 +361,8 @@ def format_prediction(p: Prediction, breakdown: bool = True) -> str:
     if p.overhead is not None:
         oh = p.overhead
         lines.append(f"  sum of units {p.sum_ms:.3f} ms, overhead correction {p.overhead_ms:+.3f} ms "
-                     f"({len(p.units)} calls x -{oh.per_call_ms:.4f} ms per call, residual {oh.residual_ms:+.4f} ms "
-                     f"from {oh.n_configs} calibration schedules)")
+                     f"(scale {oh.scale:.3f} x (sum - {len(p.units) - 1} x {oh.per_call_ms:.4f} ms per call) "
+                     f"{oh.residual_ms:+.4f} ms, from {oh.n_configs} calibration schedules, statistic {oh.statistic})")
     if breakdown:
         lines.append(f"  {'unit':12s} {'N':>4s} {'median ms':>10s} {'95% CI':>19s} {'share':>6s} {'MMACs':>9s}")
         for u in p.units:

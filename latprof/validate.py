@@ -12,10 +12,13 @@ Per-config results are appended to `<workdir>/validate/<device>-<model>-<engine>
 keyed by (table, engine, tuning, kept): a rerun skips what is there (resumable).
 
 Non-additivity (see `latprof.predict.Overhead`): `calibrate=True` measures the engine's per-call cost
-with a trivial graph on the device (one [1, 17, D] tensor plus a constant: nothing to compute), and the
-median residual of the calibration schedules after subtracting (calls - 1) per-call costs, and writes
-both into the table's sidecar `<table>.overhead.json`, which `predict` applies from then on. Calibrate
-and validate with different seeds so the reported fidelity is out of sample.
+with a trivial graph on the device (one [1, 17, D] tensor plus a constant: nothing to compute),
+interleaved with the calibration schedules, fits the scale (median of measured / call-corrected sum)
+and writes both into the table's sidecar `<table>.overhead.json`, which `predict` applies from then
+on. Calibrate and validate with different seeds so the reported fidelity is out of sample.
+
+`stat` reads the table and the end-to-end samples with the same statistic: ``median`` (default), or a
+low quantile (``min``, ``q10``, ``q25``) on a shared host where other jobs only ever add time.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from latprof.errors import LutError, UsageError
-from latprof.predict import Overhead, predict, read_overhead, unit_tokens, write_overhead
+from latprof.predict import Overhead, parse_stat, predict, read_overhead, sample_stat, table_statistic, unit_tokens, write_overhead
 from latprof.schedule import TokenSchedule
 
 CALL_PROBE_TOKENS = 17
@@ -210,7 +213,8 @@ def _table_id(table) -> str:
 
 
 def validate(device, model: str, lut, configs: int = 20, seed: int = 0, workdir=None, calibrate: bool = False,
-             plot: str | Path | None = None, progress: bool = True, echo=print, use_overhead: bool = True) -> ValidationResult:
+             plot: str | Path | None = None, progress: bool = True, echo=print, use_overhead: bool = True,
+             stat: str = "median") -> ValidationResult:
     from latprof.devices import load_config, open_session
     from latprof.devices.config import DeviceConfig
     from latprof.lut.table import read_lut
@@ -232,11 +236,13 @@ def validate(device, model: str, lut, configs: int = 20, seed: int = 0, workdir=
     bars = bar_factory(progress)
     eng = table_engine(table, cfg, spec, workdir)
     tuning = eng.tuning_label()
-    overhead = read_overhead(lut_path, table) if (lut_path and use_overhead and not calibrate) else None
+    overhead = read_overhead(lut_path, table, parse_stat(stat)) if (lut_path and use_overhead and not calibrate) else None
+    measured_table = table
+    table = table_statistic(table, stat)
 
     schedules = random_schedules(table, spec, configs, seed)
     rpath = results_path(workdir, cfg.name, model, eng.name)
-    tid = _table_id(table)
+    tid = _table_id(measured_table)
     done = {}
     if rpath.exists():
         for line in rpath.read_text().splitlines():
@@ -294,19 +300,21 @@ def validate(device, model: str, lut, configs: int = 20, seed: int = 0, workdir=
         p = predict(table, model, s, overhead)
         xs = sorted(rec["samples_ms"])
         q = statistics.quantiles(xs, n=4) if len(xs) > 1 else [xs[0]] * 3
-        results.append(ConfigResult(i, list(s.kept), s.block_tokens(), p.sum_ms, p.total_ms, statistics.median(xs),
+        results.append(ConfigResult(i, list(s.kept), s.block_tokens(), p.sum_ms, p.total_ms, sample_stat(xs, stat),
                                     q[0], q[2], p.ci_low_ms, p.ci_high_ms, xs))
     if calibrate:
         calls = len(unit_tokens(spec, schedules[0]))
-        resid = [c.measured_ms - (c.sum_ms - (calls - 1) * per_call) for c in results]
-        med = statistics.median(resid)
-        overhead = Overhead(per_call_ms=per_call, residual_ms=med,
-                            residual_mad_ms=statistics.median(abs(r - med) for r in resid), n_configs=len(results),
-                            device=cfg.name, engine=eng.name, tuning=tuning, table=str(lut_path or ""))
+        if per_call is None:
+            per_call = 0.0
+        ratios = [c.measured_ms / (c.sum_ms - (calls - 1) * per_call) for c in results]
+        scale = statistics.median(ratios)
+        overhead = Overhead(per_call_ms=per_call, scale=scale, spread=statistics.median(abs(r - scale) for r in ratios),
+                            n_configs=len(results), statistic=stat, device=cfg.name, engine=eng.name, tuning=tuning,
+                            table=str(lut_path or ""))
         if lut_path:
             write_overhead(lut_path, overhead)
         for c in results:  # in-sample: what the new sidecar predicts for the calibration schedules
-            c.predicted_ms = c.sum_ms + overhead.correction_ms(calls)
+            c.predicted_ms = overhead.apply(c.sum_ms, calls)
     out = ValidationResult(cfg.name, model, eng.name, tuning, results, overhead, rpath, per_call_ms=per_call)
     if plot:
         from latprof.plot import plot_validation
@@ -328,7 +336,7 @@ def format_validation(v: ValidationResult) -> str:
     lines.append(v.summary())
     if v.overhead is not None:
         oh = v.overhead
-        lines.append(f"overhead model: {oh.per_call_ms:.4f} ms per engine call, residual {oh.residual_ms:+.4f} ms "
-                     f"(from {oh.n_configs} calibration schedules); plain sum of units: "
+        lines.append(f"overhead model: scale {oh.scale:.3f} (±{oh.spread:.3f}), {oh.per_call_ms * 1e3:.1f} us per engine call "
+                     f"(from {oh.n_configs} calibration schedules, statistic {oh.statistic}); plain sum of units: "
                      f"{v.within(0.05, raw=True):.0%} within ±5%, {v.within(0.10, raw=True):.0%} within ±10%")
     return "\n".join(lines)

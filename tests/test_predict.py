@@ -160,18 +160,33 @@ def test_overhead_sidecar_roundtrip_and_correction(tmp_path):
     write_lut(t, lut)
     t = read_lut(lut)
     assert read_overhead(lut, t) is None
-    write_overhead(lut, Overhead(per_call_ms=0.01, residual_ms=0.05, engine="tvm", tuning="untuned"))
+    write_overhead(lut, Overhead(per_call_ms=0.01, scale=1.1, residual_ms=0.05, engine="tvm", tuning="untuned"))
     assert overhead_path(lut).name == "dev.overhead.json"
     oh = read_overhead(lut, t)
     p = predict(t, "deit_t", parse_keep("0.7,0.49,0.343", SPEC), oh)
-    assert p.overhead_ms == pytest.approx(-19 * 0.01 + 0.05)
-    assert p.total_ms == pytest.approx(p.sum_ms - 0.14)
+    assert p.total_ms == pytest.approx(1.1 * (p.sum_ms - 19 * 0.01) + 0.05)
+    assert p.ci_low_ms < p.total_ms < p.ci_high_ms and p.q1_ms < p.total_ms < p.q3_ms
+    with pytest.raises(LutError, match="calibrated with --stat median, not min"):
+        read_overhead(lut, t, "min")
     write_overhead(lut, Overhead(per_call_ms=0.01, engine="onnxruntime", tuning="none"))
     with pytest.raises(LutError, match="calibrated for onnxruntime/none"):
         read_overhead(lut, t)
     overhead_path(lut).write_text("{not json")
     with pytest.raises(LutError, match="unreadable overhead sidecar"):
         read_overhead(lut, t)
+
+
+def test_table_statistic_reads_raw_samples():
+    from latprof.predict import table_statistic
+
+    t = table()
+    lo = table_statistic(t, "min")
+    assert np.allclose(lo.frame["median_ms"], t.frame["median_ms"] * 0.98)  # synthetic samples: 0.98, 1, 1.02 x
+    s = parse_keep("0.7,0.49,0.343", SPEC)
+    assert predict(lo, "deit_t", s).sum_ms == pytest.approx(0.98 * predict(t, "deit_t", s).sum_ms)
+    assert table_statistic(t, "median") is t
+    with pytest.raises(UsageError, match="unknown statistic"):
+        table_statistic(t, "mean")
 
 
 def _cli(*args):

@@ -74,9 +74,14 @@ def test_end_to_end_validation_onnxruntime(workdir, tmp_path):
     assert [c.measured_ms for c in again.configs] == [c.measured_ms for c in v.configs]
 
     # calibration writes the sidecar that predictions then use
-    cal = validate(str(cfg), "deit_t", lut, configs=2, seed=1, calibrate=True, progress=False, echo=lambda *a: None)
+    cal = validate(str(cfg), "deit_t", lut, configs=2, seed=1, calibrate=True, progress=False, echo=lambda *a: None,
+                   stat="min")
     oh = read_overhead(lut, table)
-    assert oh is not None and oh.n_configs == 2 and 0 < oh.per_call_ms < 1.0
+    assert oh is not None and oh.n_configs == 2 and 0 < oh.per_call_ms < 1.0 and oh.statistic == "min"
+    assert 0.5 < oh.scale < 3.0
+    for c in cal.configs:  # in sample, the calibrated prediction sits within the fitted ratios' spread
+        assert c.measured_ms == min(c.samples_ms)
+        assert abs(c.measured_ms / c.predicted_ms - 1) <= oh.spread / oh.scale + 1e-9
     assert cal.per_call_ms == oh.per_call_ms
     out = CliRunner().invoke(main, ["predict", "--lut", str(lut), "--model", "deit_t", "--keep", "0.7,0.49,0.343"])
     assert out.exit_code == 0 and "overhead correction" in out.output, out.output

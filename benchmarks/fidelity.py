@@ -1,0 +1,101 @@
+"""Fidelity of table predictions: share of random token schedules whose end-to-end latency the table
+predicts within ±5% and ±10%, without and with the overhead model.
+
+The whole pipeline, as a user runs it, in one workdir:
+  1. `latprof measure` every unit of the model on a token grid -> table (shuffled order, drift reference);
+  2. `latprof validate --calibrate` on K_cal schedules (seed 1): per-call cost probe + residual -> sidecar;
+  3. `latprof validate` on K fresh schedules (seed 0): out-of-sample shares, plain sum vs corrected.
+The machine's load average is printed with the figures: on a shared 2-core host timings drift with
+other people's jobs, and the shares mean little without it.
+
+    python benchmarks/fidelity.py --engine onnxruntime --configs 20
+    python benchmarks/fidelity.py --engine tvm --configs 8 --grid 17,49,81,113,145,177,197 --repeats 7
+    python benchmarks/fidelity.py --engine tvm --trials 16 ...   # tuned (uses/extends the workdir's tuning DB)
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+DEFAULT_GRID = "17,33,49,65,81,97,113,129,145,161,177,193,197"
+
+
+def write_cfg(path: Path, engine: str, threads: int, repeats: int, trials: int) -> Path:
+    cfg = {
+        "name": f"fidelity-{engine}-{threads}t", "description": "benchmarks/fidelity.py", "transport": "local",
+        "engine": engine, "target": {"kind": "llvm", "mcpu": "native"} if engine == "tvm" else {"kind": "onnxruntime"},
+        "threads": threads,
+        "measure": {"warmup": 3, "repeats": repeats, "number": 0, "min_repeat_ms": 25, "reference_every": 8},
+    }
+    if engine == "tvm":
+        cfg["tuning"] = {"trials_per_task": trials, "max_minutes": 30}
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--engine", choices=["onnxruntime", "tvm"], default="onnxruntime")
+    ap.add_argument("--device", default=None, help="a device config instead of the generated local one")
+    ap.add_argument("--model", default="deit_t")
+    ap.add_argument("--grid", default=DEFAULT_GRID)
+    ap.add_argument("--configs", type=int, default=20, help="validation schedules (seed 0)")
+    ap.add_argument("--cal-configs", type=int, default=6, help="calibration schedules (seed 1)")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--repeats", type=int, default=15)
+    ap.add_argument("--trials", type=int, default=0, help="TVM MetaSchedule trials per task (0 = untuned)")
+    ap.add_argument("--workdir", type=Path, default=Path("latprof-work-fidelity"))
+    args = ap.parse_args(argv)
+
+    from latprof.lut.build import build_and_write
+    from latprof.measure.runner import measure, store_path
+    from latprof.predict import overhead_path
+    from latprof.validate import format_validation, validate
+
+    wd = args.workdir.resolve()
+    wd.mkdir(parents=True, exist_ok=True)
+    device = args.device or str(write_cfg(wd / f"{args.engine}.yaml", args.engine, args.threads, args.repeats, args.trials))
+    loads = [os.getloadavg()[0]]
+    t0 = time.time()
+    res = measure(device, args.model, [int(v) for v in args.grid.split(",")], workdir=wd, progress=False,
+                  trials=args.trials if args.engine == "tvm" else None, echo=lambda *a: print(*a, file=sys.stderr))
+    lut = wd / "luts" / f"{res.device}.csv"
+    table = build_and_write(res.store, lut, engine=res.engine)
+    t1 = time.time()
+    loads.append(os.getloadavg()[0])
+    if overhead_path(lut).exists():
+        overhead_path(lut).unlink()
+    cal = validate(device, args.model, lut, configs=args.cal_configs, seed=1, workdir=wd, calibrate=True,
+                   plot=wd / "calibration.png", progress=False, echo=lambda *a: None)
+    loads.append(os.getloadavg()[0])
+    val = validate(device, args.model, lut, configs=args.configs, seed=0, workdir=wd,
+                   plot=wd / "validation.png", progress=False, echo=lambda *a: None)
+    t2 = time.time()
+    loads.append(os.getloadavg()[0])
+
+    print(f"engine {res.engine} ({table.provenance.get('tuning')}), {args.threads} thread(s), grid {args.grid}, "
+          f"{args.repeats} repeats; table {t1 - t0:.0f} s, validation {t2 - t1:.0f} s; "
+          f"reference drift during the table {table.provenance.get('reference_drift') or 0:.1%}; "
+          f"1-min load average {min(loads):.1f}..{max(loads):.1f} on {os.cpu_count()} cores")
+    oh = cal.overhead
+    print(f"calibration ({args.cal_configs} schedules, seed 1): per-call cost {oh.per_call_ms * 1e3:.1f} us, "
+          f"residual {oh.residual_ms:+.3f} ms (MAD {oh.residual_mad_ms:.3f}); sidecar {overhead_path(lut)}")
+    print(format_validation(val))
+    errs_raw = [c.sum_ms / c.measured_ms - 1 for c in val.configs]
+    print(f"FIDELITY engine={res.engine} tuning={table.provenance.get('tuning')} threads={args.threads} "
+          f"K={len(val.configs)}: corrected {val.within(0.05):.0%} within ±5%, {val.within(0.10):.0%} within ±10%; "
+          f"plain sum {val.within(0.05, raw=True):.0%} / {val.within(0.10, raw=True):.0%}; "
+          f"plain-sum bias {statistics.median(errs_raw):+.1%}")
+    print(f"plots: {wd / 'calibration.png'}, {wd / 'validation.png'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
