@@ -76,7 +76,7 @@ def helper_params(cfg: DeviceConfig) -> dict:
                            f"after checking the host's fingerprint, trust it explicitly: {keyscan_hint(conn, known)}")
     return {
         "host": conn["host"], "port": conn["port"], "user": conn["user"], "key": str(key), "known_hosts": str(known),
-        "command": server_shell_command(command_argv(cfg), conn["env"], cfg.threads),
+        "command": server_shell_command(command_argv(cfg), conn["env"], cfg.threads, cfg.cpus),
         "info": info_script(cfg.cpus), "cpus": cfg.cpus, "connect_timeout": conn["connect_timeout"],
         "start_timeout": conn["start_timeout"],
         "arch_command": (shlex.quote(command_argv(cfg)[0]) + " -c 'import platform; print(platform.machine())'"
@@ -113,7 +113,8 @@ class SSHSession:
             self.local_port = ready["port"]
             from latprof.compile import tvmlib
 
-            self.rpc = tvmlib.rpc_connect("127.0.0.1", self.local_port, threads=cfg.threads, cpus=cfg.cpus)
+            # cores are pinned by taskset at the server's start (TVM's RPC cannot pass a core list)
+            self.rpc = tvmlib.rpc_connect("127.0.0.1", self.local_port, threads=cfg.threads, cpus=None)
         except BaseException:
             self.close()
             raise

@@ -96,7 +96,7 @@ class TrackerSession:
         def ask():
             try:
                 box["sess"] = tvmlib.tracker_request(self.tracker, conn["key"], conn["priority"],
-                                                     conn["session_timeout"], self.cfg.threads, self.cfg.cpus)
+                                                     conn["session_timeout"], self.cfg.threads, None)
             except BaseException as exc:  # handed to the caller's thread
                 box["err"] = exc
 
