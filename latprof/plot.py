@@ -89,7 +89,8 @@ def plot_validation(result, out: str | Path) -> Path:
     lo, hi = min(pred + meas + raw) * 0.9, max(pred + meas + raw) * 1.1
     a.plot([lo, hi], [lo, hi], "k-", lw=1, label="y = x")
     a.fill_between([lo, hi], [lo * 0.95, hi * 0.95], [lo * 1.05, hi * 1.05], color="green", alpha=0.15, label="±5%")
-    xerr = [[c.measured_ms - c.measured_q1_ms for c in result.configs], [c.measured_q3_ms - c.measured_ms for c in result.configs]]
+    xerr = [[max(c.measured_ms - c.measured_q1_ms, 0) for c in result.configs],
+            [max(c.measured_q3_ms - c.measured_ms, 0) for c in result.configs]]
     yerr = [[max(c.predicted_ms - c.ci_low_ms, 0) for c in result.configs], [max(c.ci_high_ms - c.predicted_ms, 0) for c in result.configs]]
     a.errorbar(meas, pred, xerr=xerr, yerr=yerr, fmt="o", ms=4, capsize=2, label="prediction")
     if result.overhead is not None:

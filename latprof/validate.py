@@ -8,6 +8,11 @@ workdir's tuning database; unit graphs at the schedule's token counts are prepar
 model's tasks find their schedules by workload, as the table's units did), measured end to end on the
 device and compared with `latprof.predict.predict`.
 
+Before each whole model the reference unit (a block at the dense N) is measured again: its ratio to
+the table's figure is the machine's drift since the table was measured (other jobs, frequency, heat),
+reported next to each result and used to give a drift-corrected comparison as well (and to fit the
+calibration scale, which should describe the model, not the moment).
+
 Per-config results are appended to `<workdir>/validate/<device>-<model>-<engine>.jsonl` as they come,
 keyed by (table, engine, tuning, kept): a rerun skips what is there (resumable).
 
@@ -51,10 +56,16 @@ class ConfigResult:
     ci_low_ms: float
     ci_high_ms: float
     samples_ms: list[float] = field(repr=False, default_factory=list)
+    drift: float | None = None  # reference unit now / in the table (1.0: the machine as when the table was made)
 
     @property
     def error(self) -> float:
         return self.predicted_ms / self.measured_ms - 1
+
+    @property
+    def corrected_ms(self) -> float:
+        """End to end scaled back to the table's machine state by the interleaved reference unit."""
+        return self.measured_ms / self.drift if self.drift else self.measured_ms
 
 
 @dataclass
@@ -69,11 +80,18 @@ class ValidationResult:
     plot_path: Path | None = None
     per_call_ms: float | None = None
 
-    def within(self, tol: float, raw: bool = False) -> float:
+    def within(self, tol: float, raw: bool = False, drift: bool = False) -> float:
+        """Share of schedules predicted within ±tol: `raw` compares the plain sum of units, `drift`
+        the end-to-end figure corrected by the interleaved reference unit."""
         if not self.configs:
             return 0.0
-        errs = [(c.sum_ms if raw else c.predicted_ms) / c.measured_ms - 1 for c in self.configs]
+        errs = [(c.sum_ms if raw else c.predicted_ms) / (c.corrected_ms if drift else c.measured_ms) - 1
+                for c in self.configs]
         return sum(abs(e) <= tol for e in errs) / len(errs)
+
+    @property
+    def has_drift(self) -> bool:
+        return bool(self.configs) and all(c.drift for c in self.configs)
 
     def summary(self) -> str:
         errs = sorted(abs(c.error) for c in self.configs)
@@ -259,6 +277,8 @@ def validate(device, model: str, lut, configs: int = 20, seed: int = 0, workdir=
     per_call = None
     graph_dir = workdir / "graphs"
     probe = _export_probe(int(_dim(spec)), graph_dir, model) if calibrate else None
+    ref_unit = next(u for u in spec.units if u.shared == "block").name
+    ref_table_ms = table.latency_ms(model, ref_unit, spec.max_tokens)
     if todo or probe:
         bar = bars(total=len(todo), desc="export whole models", unit="model")
         graphs = {}
@@ -266,7 +286,10 @@ def validate(device, model: str, lut, configs: int = 20, seed: int = 0, workdir=
             graphs[tuple(s.kept)] = _export_model(spec, s.kept, graph_dir)
             bar.update(1)
         bar.close()
-        artifacts = _prepare(eng, spec, list(graphs.values()) + ([probe] if probe else []), workdir, bars, todo)
+        from latprof.measure.runner import export_graphs
+
+        ref = next(g for g in export_graphs(spec, [spec.max_tokens], workdir, bars) if g.shared == "block")
+        artifacts = _prepare(eng, spec, list(graphs.values()) + [ref] + ([probe] if probe else []), workdir, bars, todo)
         rpath.parent.mkdir(parents=True, exist_ok=True)
         session_cm = open_session(cfg) if eng.needs_session else None
         session = session_cm.__enter__() if session_cm else None
@@ -277,8 +300,10 @@ def validate(device, model: str, lut, configs: int = 20, seed: int = 0, workdir=
                 if probe is not None:  # interleaved, so the per-call cost sees the same machine state
                     probe_medians.append(statistics.median(eng.measure(session, probe, artifacts[probe.digest])[0]))
                 g = graphs[tuple(s.kept)]
+                ref_samples, _ = eng.measure(session, ref, artifacts[ref.digest])  # the machine's state now
                 samples, _ = eng.measure(session, g, artifacts[g.digest])
-                rec = {"table": tid, "tuning": tuning, "engine": eng.name, "device": cfg.name, "model": model,
+                rec = {"ref_unit": ref_unit, "ref_tokens": spec.max_tokens, "ref_samples_ms": [round(x, 6) for x in ref_samples],
+                       "table": tid, "tuning": tuning, "engine": eng.name, "device": cfg.name, "model": model,
                        "kept": list(s.kept), "block_tokens": s.block_tokens(), "graph": g.digest,
                        "samples_ms": [round(x, 6) for x in samples],
                        "time": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
@@ -300,13 +325,15 @@ def validate(device, model: str, lut, configs: int = 20, seed: int = 0, workdir=
         p = predict(table, model, s, overhead)
         xs = sorted(rec["samples_ms"])
         q = statistics.quantiles(xs, n=4) if len(xs) > 1 else [xs[0]] * 3
+        drift = (sample_stat(rec["ref_samples_ms"], stat) / ref_table_ms) if rec.get("ref_samples_ms") else None
         results.append(ConfigResult(i, list(s.kept), s.block_tokens(), p.sum_ms, p.total_ms, sample_stat(xs, stat),
-                                    q[0], q[2], p.ci_low_ms, p.ci_high_ms, xs))
+                                    q[0], q[2], p.ci_low_ms, p.ci_high_ms, xs, drift))
     if calibrate:
         calls = len(unit_tokens(spec, schedules[0]))
         if per_call is None:
             per_call = 0.0
-        ratios = [c.measured_ms / (c.sum_ms - (calls - 1) * per_call) for c in results]
+        # fitted on drift-corrected figures: the scale is the model's, not the machine's state of the moment
+        ratios = [c.corrected_ms / (c.sum_ms - (calls - 1) * per_call) for c in results]
         scale = statistics.median(ratios)
         overhead = Overhead(per_call_ms=per_call, scale=scale, spread=statistics.median(abs(r - scale) for r in ratios),
                             n_configs=len(results), statistic=stat, device=cfg.name, engine=eng.name, tuning=tuning,
@@ -330,10 +357,16 @@ def _dim(spec) -> int:
 
 
 def format_validation(v: ValidationResult) -> str:
-    lines = [f"  {'#':>3s} {'kept patches':16s} {'predicted':>10s} {'measured':>10s} {'error':>7s}  {'sum of units':>12s}"]
+    lines = [f"  {'#':>3s} {'kept patches':16s} {'predicted':>10s} {'measured':>10s} {'error':>7s}  {'sum of units':>12s}"
+             f"  {'drift':>6s} {'error vs drift-corrected':>24s}"]
     for c in v.configs:
-        lines.append(f"  {c.index:3d} {str(c.kept):16s} {c.predicted_ms:10.3f} {c.measured_ms:10.3f} {c.error:+7.1%}  {c.sum_ms:12.3f}")
+        d = f"{c.drift:6.3f} {c.predicted_ms / c.corrected_ms - 1:+24.1%}" if c.drift else f"{'-':>6s} {'-':>24s}"
+        lines.append(f"  {c.index:3d} {str(c.kept):16s} {c.predicted_ms:10.3f} {c.measured_ms:10.3f} {c.error:+7.1%}  "
+                     f"{c.sum_ms:12.3f}  {d}")
     lines.append(v.summary())
+    if v.has_drift:
+        lines.append(f"against end to end corrected for machine drift (reference unit re-measured before each schedule): "
+                     f"{v.within(0.05, drift=True):.0%} within ±5%, {v.within(0.10, drift=True):.0%} within ±10%")
     if v.overhead is not None:
         oh = v.overhead
         lines.append(f"overhead model: scale {oh.scale:.3f} (±{oh.spread:.3f}), {oh.per_call_ms * 1e3:.1f} us per engine call "

@@ -66,6 +66,10 @@ def test_end_to_end_validation_onnxruntime(workdir, tmp_path):
         assert len(c.samples_ms) == 7
     rec = json.loads(lines[0])
     assert rec["kept"] == v.configs[0].kept and rec["engine"] == "onnxruntime"
+    # the reference unit (a block at N=197) is re-measured with every schedule: drift against the table
+    assert rec["ref_unit"] == "blocks.0" and len(rec["ref_samples_ms"]) == 7
+    assert v.has_drift and all(0.2 < c.drift < 5 for c in v.configs)
+    assert all(c.corrected_ms == pytest.approx(c.measured_ms / c.drift) for c in v.configs)
     assert (tmp_path / "v.png").read_bytes()[:4] == b"\x89PNG"
 
     # resumable: nothing measured again
@@ -81,7 +85,7 @@ def test_end_to_end_validation_onnxruntime(workdir, tmp_path):
     assert 0.5 < oh.scale < 3.0
     for c in cal.configs:  # in sample, the calibrated prediction sits within the fitted ratios' spread
         assert c.measured_ms == min(c.samples_ms)
-        assert abs(c.measured_ms / c.predicted_ms - 1) <= oh.spread / oh.scale + 1e-9
+        assert abs(c.corrected_ms / c.predicted_ms - 1) <= oh.spread / oh.scale + 1e-9
     assert cal.per_call_ms == oh.per_call_ms
     out = CliRunner().invoke(main, ["predict", "--lut", str(lut), "--model", "deit_t", "--keep", "0.7,0.49,0.343"])
     assert out.exit_code == 0 and "overhead correction" in out.output, out.output
