@@ -181,3 +181,6 @@ def expected_counts(model: str, tokens: list[int]) -> tuple[int, int]:
     size = lambda u: 1 if u.kind == "fixed" else len(tokens)  # noqa: E731
     shared = {u.shared: u for u in spec.units}
     return sum(size(u) for u in shared.values()), sum(size(u) for u in spec.units)
+
+
+CONFIG_DIR = ROOT / "device_configs"

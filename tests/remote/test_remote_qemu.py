@@ -1,0 +1,46 @@
+"""The emulated arm64 device end to end: the shipped qemu-arm64 config (aarch64 target, cross-compiled
+with aarch64-linux-gnu-g++) over SSH to the test sshd, its RPC server the arm64 python under qemu.
+Needs scripts/build_arm64_device.sh run once (LATPROF_ARM64_ROOTFS, default ~/.cache/latprof/arm64-rootfs)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+
+from latprof.devices import load_config, open_session
+from latprof.lut.build import build_and_write
+from latprof.lut.table import read_lut
+from latprof.measure.runner import measure, store_path
+from tests.remote.conftest import CONFIG_DIR, expected_counts, free_port, write_yaml
+
+
+def qemu_config(tmp_path, sshd, rootfs):
+    """The shipped config with this test's sshd, keys and rootfs (target and compiler unchanged)."""
+    cfg = yaml.safe_load((CONFIG_DIR / "qemu-arm64.yaml").read_text())
+    cfg["connection"].update(host=sshd.host, port=sshd.port, user=sshd.user, key=str(sshd.key),
+                             known_hosts=str(sshd.known_hosts), start_timeout=180,
+                             server_command=[str(rootfs / "opt/bin/python3"), "-m", "tvm.exec.rpc_server", "--host",
+                                             "127.0.0.1", "--port", str(free_port()), "--port-end", "65000"])
+    cfg["measure"].update(warmup=0, repeats=2, number=1, min_repeat_ms=0, reference_every=0)
+    return write_yaml(tmp_path / "qemu-arm64.yaml", cfg)
+
+
+@pytest.mark.slow
+def test_emulated_arm64_device_end_to_end(sshd, arm64_rootfs, workdir, tmp_path):
+    path = qemu_config(tmp_path, sshd, arm64_rootfs)
+    cfg = load_config(str(path))
+    assert cfg.emulated and cfg.cross_compiler == "aarch64-linux-gnu-g++"
+    tokens = [17, 50]
+    result = measure(str(path), "deit_t", tokens, trials=0, progress=False)
+    assert result.measured == expected_counts("deit_t", tokens)[0]
+    libs = list((workdir / "libs").glob("*.so"))
+    assert libs and all(b"\x7fELF" == p.read_bytes()[:4] and p.read_bytes()[18] == 183 for p in libs)  # EM_AARCH64
+    records = [json.loads(x) for x in store_path(workdir, "qemu-arm64").read_text().splitlines()]
+    assert all(r["emulated"] and r["max_abs_err"] < 2e-3 for r in records)  # outputs checked vs onnxruntime
+    assert records[0]["info"]["arch"].startswith("aarch64 (emulated")
+    build_and_write(store_path(workdir, "qemu-arm64"), tmp_path / "qemu.csv")
+    t = read_lut(tmp_path / "qemu.csv")
+    assert t.provenance["emulated"] in (True, "true", "True")
+    assert "aarch64-linux-gnu" in json.dumps(t.provenance)
