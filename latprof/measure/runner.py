@@ -26,7 +26,7 @@ from latprof.measure.samples import SampleStore, point_key
 from latprof.models import ModelSpec, get_model
 from latprof.progress import bar_factory
 
-DEFAULT_GRID = (1, 9, 17, 25, 33, 49, 65, 81, 97, 113, 129, 145, 161, 177, 197)
+DEFAULT_GRID = (1, 17, 33, 49, 65, 97, 129, 161, 197)  # linear interpolation between these
 
 
 def default_workdir() -> Path:
