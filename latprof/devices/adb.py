@@ -171,8 +171,14 @@ class ADBSession:
 
     def _start(self) -> None:
         conn, cfg = self.cfg.connection, self.cfg
+        # a server left by a latprof that was killed hard (no close) is stopped first, by its pid file
+        pidfile = _q(conn["remote_dir"] + "/latprof-server.pid")
+        self.adb.run("shell", f"test -f {pidfile} && {{ p=$(cat {pidfile}); case $p in *[!0-9]*|'') ;; *) "
+                              f"kill -KILL -- -$p 2>/dev/null || kill -KILL $p 2>/dev/null;; esac; rm -f {pidfile}; }}; true",
+                     check=False)
         line = server_shell_command(command_argv(cfg), conn["env"], cfg.threads, cfg.cpus if conn["pin"] else None,
                                     cwd=conn["remote_dir"])
+        line = line.replace("echo LATPROF_PID=$$;", f"echo $$ > {pidfile}; echo LATPROF_PID=$$;", 1)
         self.server = self.adb.popen("shell", line)
         events: queue.Queue = queue.Queue()
 
@@ -209,8 +215,9 @@ class ADBSession:
     def close(self) -> None:
         self.rpc = None
         if self.remote_pid and self.adb.serial:
+            pidfile = _q(self.cfg.connection["remote_dir"] + "/latprof-server.pid")
             try:
-                self.adb.run("shell", kill_group_command(self.remote_pid), timeout=15, check=False)
+                self.adb.run("shell", f"{kill_group_command(self.remote_pid)}; rm -f {pidfile}", timeout=15, check=False)
             except DeviceError:
                 pass
         if self.server is not None and self.server.poll() is None:

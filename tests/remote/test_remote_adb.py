@@ -132,3 +132,45 @@ def test_adb_config_errors(adb_env, tmp_path):
         load_config(str(adb_config(tmp_path / "a.yaml", adb_env, runtime, tmp_path / "r", connect="nohostport")))
     with pytest.raises(ConfigError, match="connection.remote_dir"):
         load_config(str(adb_config(tmp_path / "b.yaml", adb_env, runtime, Path("relative"))))
+
+
+def test_adb_server_killed_mid_run_and_hard_killed_latprof(adb_env, workdir, tmp_path, monkeypatch):
+    """A server that dies mid-run: one-line DeviceError, samples kept, the same call resumes. A server
+    left behind by a latprof killed with SIGKILL is stopped by the next session (pid file on the device)."""
+    import signal
+
+    from latprof.measure import engines
+
+    serial = adb_env.start_adbd()
+    runtime, remote = tmp_path / "runtime", tmp_path / "phone"
+    runtime.mkdir()
+    path = adb_config(tmp_path / "adb.yaml", adb_env, runtime, remote, connect=serial)
+    original = engines.TVMEngine.measure
+    calls = {"n": 0}
+
+    def flaky(self, session, graph, artifact):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            os.killpg(session.remote_pid, signal.SIGKILL)
+        return original(self, session, graph, artifact)
+
+    monkeypatch.setattr(engines.TVMEngine, "measure", flaky)
+    with pytest.raises(DeviceError) as err:
+        measure(str(path), "deit_t", [9], progress=False)
+    assert "2 points measured in this run are kept" in err.value.one_line()
+    monkeypatch.setattr(engines.TVMEngine, "measure", original)
+    points = expected_counts("deit_t", [9])[0]
+    assert measure(str(path), "deit_t", [9], progress=False).measured == points - 2
+
+    script = (f"import sys, time; sys.path.insert(0, {str(Path(__file__).parents[2])!r})\n"
+              "from latprof.devices import load_config, open_session\n"
+              f"s = open_session(load_config({str(path)!r})).__enter__()\n"
+              "print(s.remote_pid, flush=True); time.sleep(600)\n")
+    child = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True, env=adb_env.env)
+    stale = int(child.stdout.readline())
+    child.kill()
+    child.wait()
+    assert pid_alive(stale)  # nothing could clean up after SIGKILL...
+    with open_session(load_config(str(path))) as s:
+        assert s.remote_pid != stale
+    assert not pid_alive(stale)  # ...until the next session on that device

@@ -132,3 +132,35 @@ def test_sshd_gone_mid_run_is_a_device_error(sshd, workdir, tmp_path, monkeypatc
             open_session(load_config(str(path))).__enter__()
         finally:
             sshd.start()
+
+
+def test_devices_check_and_a_hard_killed_latprof_leaves_no_server(sshd, tmp_path):
+    """`latprof devices check` reports the device; a latprof killed with SIGKILL leaves no RPC server
+    behind (its SSH helper sees stdin close, stops the server's process group and disconnects)."""
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    from click.testing import CliRunner
+
+    from latprof.cli import main
+
+    path = ssh_config(tmp_path / "dev.yaml", sshd, connection=FAST)
+    res = CliRunner().invoke(main, ["devices", "check", str(path)])
+    assert res.exit_code == 0, res.output
+    assert "reachable over ssh" in res.output and "arch" in res.output and "governor" in res.output
+
+    script = (f"import sys, time; sys.path.insert(0, {str(Path(__file__).parents[2])!r})\n"
+              "from latprof.devices import load_config, open_session\n"
+              f"s = open_session(load_config({str(path)!r})).__enter__()\n"
+              "print(s.remote_pid, flush=True); time.sleep(600)\n")
+    child = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    pid = int(child.stdout.readline())
+    assert pid_alive(pid)
+    child.kill()
+    child.wait()
+    deadline = time.monotonic() + 15
+    while pid_alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not pid_alive(pid)
