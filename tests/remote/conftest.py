@@ -153,8 +153,29 @@ def ssh_config(path: Path, sshd: SSHD, name: str = "sshdev", python: str = sys.e
     return write_yaml(path, cfg)
 
 
+@pytest.fixture(scope="session")
+def shared_cache(tmp_path_factory):
+    """Exported graphs and compiled libraries shared by the remote tests (both are content-addressed),
+    so only the first test pays for export and compilation; samples stay per test."""
+    base = tmp_path_factory.mktemp("latprof-cache")
+    (base / "graphs").mkdir()
+    (base / "libs").mkdir()
+    return base
+
+
 @pytest.fixture
-def workdir(tmp_path, monkeypatch):
+def workdir(tmp_path, monkeypatch, shared_cache):
+    work = tmp_path / "work"
+    work.mkdir()
+    for name in ("graphs", "libs"):
+        (work / name).symlink_to(shared_cache / name, target_is_directory=True)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("LATPROF_HOME", str(work))
+    return work
+
+
+@pytest.fixture
+def fresh_workdir(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("LATPROF_HOME", str(tmp_path / "work"))
     return tmp_path / "work"

@@ -28,7 +28,8 @@ def qemu_config(tmp_path, sshd, rootfs):
 
 
 @pytest.mark.slow
-def test_emulated_arm64_device_end_to_end(sshd, arm64_rootfs, workdir, tmp_path):
+def test_emulated_arm64_device_end_to_end(sshd, arm64_rootfs, fresh_workdir, tmp_path):
+    workdir = fresh_workdir
     path = qemu_config(tmp_path, sshd, arm64_rootfs)
     cfg = load_config(str(path))
     assert cfg.emulated and cfg.cross_compiler == "aarch64-linux-gnu-g++"
