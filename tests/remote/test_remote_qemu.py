@@ -9,11 +9,12 @@ import json
 import pytest
 import yaml
 
-from latprof.devices import load_config, open_session
+from latprof.devices import load_config
 from latprof.lut.build import build_and_write
 from latprof.lut.table import read_lut
 from latprof.measure.runner import measure, store_path
 from tests.remote.conftest import CONFIG_DIR, expected_counts, free_port, write_yaml
+from tests.remote.test_remote_adb import ADBEnv
 
 
 def qemu_config(tmp_path, sshd, rootfs):
@@ -45,3 +46,33 @@ def test_emulated_arm64_device_end_to_end(sshd, arm64_rootfs, fresh_workdir, tmp
     t = read_lut(tmp_path / "qemu.csv")
     assert t.provenance["emulated"] in (True, "true", "True")
     assert "aarch64-linux-gnu" in json.dumps(t.provenance)
+
+
+@pytest.mark.slow
+def test_emulated_arm64_device_behind_the_test_adbd(arm64_rootfs, fresh_workdir, tmp_path_factory, tmp_path):
+    """The ADB path with an aarch64 server: adb push of the runtime, the arm64 RPC server under qemu
+    started through `adb shell`, `adb forward`, cross-compiled modules checked against onnxruntime."""
+    env = ADBEnv(tmp_path_factory.mktemp("adb-qemu"))
+    try:
+        serial = env.start_adbd()
+        runtime = tmp_path / "runtime"
+        runtime.mkdir()
+        (runtime / "rpc_server.sh").write_text(f"#!/bin/sh\nexec {arm64_rootfs / 'opt/bin/python3'} -m tvm.exec.rpc_server \"$@\"\n")
+        (runtime / "rpc_server.sh").chmod(0o755)
+        shipped = yaml.safe_load((CONFIG_DIR / "qemu-arm64.yaml").read_text())
+        path = write_yaml(tmp_path / "adb-arm64.yaml", {
+            "name": "adb-arm64", "transport": "adb", "emulated": True, "target": shipped["target"],
+            "cross_compiler": shipped["cross_compiler"], "threads": 1,
+            "measure": {"warmup": 0, "repeats": 2, "number": 1, "min_repeat_ms": 0, "reference_every": 0},
+            "tuning": {"trials_per_task": 0},
+            "connection": {"connect": serial, "adb_server_port": env.server_port, "runtime_dir": str(runtime),
+                           "remote_dir": str(tmp_path / "phone"), "start_timeout": 180,
+                           "server_command": ["./rpc_server.sh", "--host", "127.0.0.1", "--port", str(free_port()),
+                                              "--port-end", "65000"]}})
+        result = measure(str(path), "deit_t", [17, 50], trials=0, progress=False)
+        assert result.measured == expected_counts("deit_t", [17, 50])[0]
+        records = [json.loads(x) for x in store_path(fresh_workdir, "adb-arm64").read_text().splitlines()]
+        assert all(r["emulated"] and r["transport"] == "adb" and r["max_abs_err"] < 2e-3 for r in records)
+        assert all(p.read_bytes()[18] == 183 for p in (fresh_workdir / "libs").glob("*.so"))  # EM_AARCH64
+    finally:
+        env.close()
