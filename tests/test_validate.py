@@ -89,3 +89,30 @@ def test_end_to_end_validation_onnxruntime(workdir, tmp_path):
     assert cal.per_call_ms == oh.per_call_ms
     out = CliRunner().invoke(main, ["predict", "--lut", str(lut), "--model", "deit_t", "--keep", "0.7,0.49,0.343"])
     assert out.exit_code == 0 and "overhead correction" in out.output, out.output
+
+
+def _write_synthetic(tmp_path):
+    from latprof.lut.table import write_lut
+
+    t = synthetic_table(tokens=[17, 50, 99, 197], selectors=True)  # engine tvm, tuning untuned
+    t.provenance.update(device="testdev", engine="tvm", tuning="untuned")
+    return write_lut(t, tmp_path / "syn.csv")
+
+
+@pytest.mark.parametrize("extra, msg", [
+    (["--model", "deit_x"], "unknown model 'deit_x'"),
+    (["--model", "deit_s"], "no rows for model 'deit_s'"),
+    (["--model", "deit_t", "--configs", "0"], "--configs 0"),
+    (["--model", "deit_t", "--stat", "mean"], "unknown statistic 'mean'"),
+])
+def test_validate_errors_are_one_line(workdir, tmp_path, extra, msg):
+    from click.testing import CliRunner
+
+    from latprof.cli import main
+
+    lut = _write_synthetic(tmp_path)
+    cfg = write_config(tmp_path / "dev.yaml")
+    out = CliRunner().invoke(main, ["validate", "--device", str(cfg), "--lut", str(lut), "-q", *extra])
+    assert out.exit_code == 2, out.output
+    assert msg in out.output and "Traceback" not in out.output
+    assert len([l for l in out.output.strip().splitlines() if l.startswith("error")]) == 1
