@@ -242,6 +242,7 @@ def validate(device, model: str, lut, configs: int = 20, seed: int = 0, workdir=
 
     if configs < 1:
         raise UsageError(f"--configs {configs}", "validate at least one schedule")
+    parse_stat(stat)
     cfg = device if isinstance(device, DeviceConfig) else load_config(device)
     spec = get_model(model)
     table = read_lut(lut) if not hasattr(lut, "frame") else lut
