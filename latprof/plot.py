@@ -95,9 +95,10 @@ def plot_validation(result, out: str | Path) -> Path:
     a.errorbar(meas, pred, xerr=xerr, yerr=yerr, fmt="o", ms=4, capsize=2, label="prediction")
     if result.overhead is not None:
         a.plot(meas, raw, "x", color="grey", label="plain sum of units")
-    a.set_xlabel("measured end to end (ms, median, IQR)")
+    stat = getattr(result, "statistic", "median")
+    a.set_xlabel(f"measured end to end (ms, {stat}; bars: IQR)")
     a.set_ylabel("predicted (ms, 95% CI)")
-    a.set_title(f"{result.model} on {result.device}, {result.engine} ({result.tuning})")
+    a.set_title(f"{result.model} on {result.device}, {result.engine} ({result.tuning}), {stat}")
     a.legend(fontsize=8)
     a.grid(alpha=0.3)
     b.axhline(0, color="k", lw=1)

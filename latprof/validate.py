@@ -79,6 +79,7 @@ class ValidationResult:
     results_path: Path
     plot_path: Path | None = None
     per_call_ms: float | None = None
+    statistic: str = "median"
 
     def within(self, tol: float, raw: bool = False, drift: bool = False) -> float:
         """Share of schedules predicted within ±tol: `raw` compares the plain sum of units, `drift`
@@ -343,7 +344,8 @@ def validate(device, model: str, lut, configs: int = 20, seed: int = 0, workdir=
             write_overhead(lut_path, overhead)
         for c in results:  # in-sample: what the new sidecar predicts for the calibration schedules
             c.predicted_ms = overhead.apply(c.sum_ms, calls)
-    out = ValidationResult(cfg.name, model, eng.name, tuning, results, overhead, rpath, per_call_ms=per_call)
+    out = ValidationResult(cfg.name, model, eng.name, tuning, results, overhead, rpath, per_call_ms=per_call,
+                           statistic=stat)
     if plot:
         from latprof.plot import plot_validation
 
