@@ -146,7 +146,7 @@ def ssh_config(path: Path, sshd: SSHD, name: str = "sshdev", python: str = sys.e
                        "known_hosts": str(sshd.known_hosts),
                        "server_command": [python, "-m", "tvm.exec.rpc_server", "--host", "127.0.0.1",
                                           "--port", str(free_port()), "--port-end", "65000"],
-                       "start_timeout": 60},
+                       "start_timeout": 150},  # generous: several engineers share 2 cores here
     }
     for key, value in overrides.items():
         cfg[key] = {**cfg[key], **value} if isinstance(value, dict) and isinstance(cfg.get(key), dict) else value

@@ -63,7 +63,7 @@ def adb_config(path: Path, env: ADBEnv, runtime: Path, remote: Path, **conn) -> 
         "connection": {"adb_server_port": env.server_port, "runtime_dir": str(runtime), "remote_dir": str(remote),
                        "server_command": ["./rpc_server.sh", "--host", "127.0.0.1", "--port", str(free_port()),
                                           "--port-end", "65000"],
-                       "env": {"TVM_USE_RUNTIME_LIB": "1"}, **conn}})
+                       "env": {"TVM_USE_RUNTIME_LIB": "1"}, "start_timeout": 150, **conn}})
 
 
 def test_adbd_speaks_enough_adb_for_the_real_client(adb_env, tmp_path):

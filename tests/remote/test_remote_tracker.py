@@ -37,8 +37,8 @@ def farm(tmp_path_factory):
                 stdout=open(log, "w"), stderr=subprocess.STDOUT, env={**env, "TVM_NUM_THREADS": "1"}))
         from latprof.compile import tvmlib
 
-        wait_port(port, 60, tracker)
-        deadline = time.monotonic() + 60
+        wait_port(port, 120, tracker)
+        deadline = time.monotonic() + 120
         client = tvmlib.connect_tracker("127.0.0.1", port)
         while tvmlib.tracker_servers(client).get(KEY, 0) < 2:
             assert time.monotonic() < deadline, "the servers did not register with the tracker"
