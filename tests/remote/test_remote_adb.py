@@ -42,9 +42,23 @@ class ADBEnv:
         return subprocess.run(argv, capture_output=True, text=True, env=self.env, timeout=60)
 
     def close(self) -> None:
-        self.adb("kill-server")
+        try:
+            self.adb("kill-server")
+        except subprocess.TimeoutExpired:
+            pass
         for p in self.adbds:
             stop(p)
+        # make sure: the adb server this fixture started (it daemonizes, so it is found by its port)
+        for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+            try:
+                args = cmdline.read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if b"fork-server" in args and f"tcp:{self.server_port}".encode() in args:
+                try:
+                    os.kill(int(cmdline.parent.name), 9)
+                except ProcessLookupError:
+                    pass
 
 
 @pytest.fixture(scope="module")
