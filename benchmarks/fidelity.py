@@ -56,7 +56,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     from latprof.lut.build import build_and_write
-    from latprof.measure.runner import measure, store_path
+    from latprof.measure.runner import measure
     from latprof.predict import overhead_path
     from latprof.validate import format_validation, validate
 

@@ -7,7 +7,7 @@ import pytest
 from click.testing import CliRunner
 
 from latprof.errors import LutError, UsageError
-from latprof.lut.table import LutTable, read_lut, write_lut
+from latprof.lut.table import read_lut, write_lut
 from latprof.models import get_model
 from latprof.predict import (Overhead, model_macs, overhead_path, parse_keep, parse_tokens, predict, read_overhead,
                              unit_macs, unit_tokens, write_overhead)
