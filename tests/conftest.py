@@ -23,7 +23,7 @@ def write_config(path: Path, **overrides) -> Path:
         "name": "testdev", "transport": "local", "engine": "tvm",
         "target": {"kind": "llvm", "mcpu": "native"}, "threads": 1,
         "measure": {"warmup": 1, "repeats": 5, "number": 2, "min_repeat_ms": 0, "reference_every": 3},
-        "tuning": {"trials_per_task": 0, "max_minutes": 5},
+        "tuning": {"trials_per_task": 0},
     }
     for key, value in overrides.items():
         if isinstance(value, dict) and isinstance(cfg.get(key), dict):

@@ -97,3 +97,14 @@ def test_torn_last_line_is_ignored(workdir, tmp_path):
     assert [r["key"] for r in store.records()] == ["a"]
     store.append({"key": "c", "samples_ms": [2.0]})
     assert store.done_keys() >= {"a"}
+
+
+def test_local_server_is_pinned_to_configured_cores(workdir, tmp_path):
+    from latprof.devices import load_config, open_session
+
+    cfg = load_config(str(write_config(tmp_path / "pin.yaml", cpus=[0])))
+    with open_session(cfg) as session:
+        assert os.sched_getaffinity(session.server.proc.pid) == {0}
+        pid = session.server.proc.pid
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)  # stopped on close

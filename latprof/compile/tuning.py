@@ -61,9 +61,10 @@ class TuningDB:
 
 
 def task_key(task) -> str:
-    from latprof.compile import tvmlib
+    """A stable name for a task's workload: its structural hash (shape and dtype included)."""
+    from tvm_ffi import structural_hash
 
-    return "%016x" % (tvmlib.tvm().ir.structural_hash(task.dispatched[0]) & (2**64 - 1))
+    return "%016x" % (structural_hash(task.dispatched[0]) & (2**64 - 1))
 
 
 def refit_tile(extent: int, old: list[int]) -> list[int]:

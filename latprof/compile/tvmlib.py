@@ -82,20 +82,34 @@ def database(work_dir: str | Path):
                                     module_equality="structural")
 
 
-def tune_tasks(tasks, target, work_dir: str | Path, trials_per_task: int, runner=None, seed: int = 0):
-    """Tune extracted tasks into the persistent database at work_dir."""
+def tune_tasks(tasks, target, work_dir: str | Path, trials_per_task: int, runner=None, seed: int = 0,
+               on_trials=None):
+    """Tune extracted tasks together into the persistent database at work_dir: one builder/runner pool
+    and one cost model for all of them (per-task calls spent minutes each on pool start-up here).
+    `on_trials(task_name, n)` is called as candidates are measured (progress)."""
     from tvm.s_tir import meta_schedule as ms
+    from tvm.ir.utils import derived_object
 
     db = database(work_dir)
     contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
         tasks, str(Path(work_dir) / "logs"), seed=seed)
     if not contexts:
         return db
+    callbacks = list(ms.measure_callback.MeasureCallback.create("default"))
+    if on_trials is not None:
+        names = [t.task_name for t in tasks]
+
+        @derived_object
+        class Progress(ms.measure_callback.PyMeasureCallback):
+            def apply(self, task_scheduler, task_id, measure_candidates, builder_results, runner_results):
+                on_trials(names[task_id], len(measure_candidates))
+
+        callbacks.append(Progress())
     ms.tune.tune_tasks(
         tasks=contexts, task_weights=weights, work_dir=str(Path(work_dir) / "logs"),
         max_trials_global=trials_per_task * len(contexts), max_trials_per_task=trials_per_task,
         num_trials_per_iter=min(64, max(trials_per_task, 1)), database=db,
-        runner=runner or "local", builder="local")
+        runner=runner or "local", builder="local", measure_callbacks=callbacks)
     return db
 
 
@@ -154,15 +168,11 @@ def rpc_connect(host: str, port: int, threads: int | None = None, cpus: list | N
     return sess
 
 
-def configure_threads(sess, threads: int | None, cpus: list | None) -> None:
-    """Pin the server's thread pool: explicit thread count, optional core list (affinity mode -1 = custom)."""
-    if not threads:
-        return
-    config = sess.get_function("runtime.config_threadpool")
-    if cpus:
-        config(-1, threads, [int(c) for c in cpus])
-    else:
-        config(0, threads)
+def configure_threads(sess, threads: int | None, cpus: list | None = None) -> None:
+    """Set the server's thread count. Core pinning is done where the server starts (taskset or
+    sched_setaffinity): a core list cannot cross TVM's RPC here."""
+    if threads:
+        sess.get_function("runtime.config_threadpool")(0, threads)
 
 
 def load_remote(sess, lib_path: str | Path):

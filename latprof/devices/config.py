@@ -29,7 +29,6 @@ _MEASURE = {
 }
 _TUNING = {
     "trials_per_task": (int, 32),
-    "max_minutes": (float, 30.0),
     "anchors": (list, None),       # token counts tuned for real; default: see compile/tuning.py
 }
 _TOP = {

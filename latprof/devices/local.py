@@ -40,7 +40,7 @@ class LocalSession:
 
         env = {"TVM_NUM_THREADS": str(cfg.threads)}
         port = cfg.connection.get("port") or free_port()
-        self.server = ServerProcess(server_argv(port=port, port_end=port + 100), env=env)
+        self.server = ServerProcess(server_argv(port=port, port_end=port + 100), env=env, cpus=cfg.cpus)
         try:
             self.rpc = tvmlib.rpc_connect("127.0.0.1", self.server.port, threads=cfg.threads, cpus=cfg.cpus)
         except DeviceError as exc:

@@ -36,11 +36,12 @@ def server_argv(python: str = sys.executable, host: str = "127.0.0.1", port: int
 class ServerProcess:
     """A TVM RPC server child process, stopped with its whole process group."""
 
-    def __init__(self, argv: list[str], env: dict | None = None, timeout: float = 60.0):
+    def __init__(self, argv: list[str], env: dict | None = None, timeout: float = 60.0, cpus: list | None = None):
         self.argv = argv
         self.lines: list[str] = []
+        pin = (lambda: os.sched_setaffinity(0, [int(c) for c in cpus])) if cpus else None  # inherited by workers
         self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                     env={**os.environ, **(env or {})}, start_new_session=True)
+                                     env={**os.environ, **(env or {})}, start_new_session=True, preexec_fn=pin)
         self.port = self._wait_bind(timeout)
 
     def _wait_bind(self, timeout: float) -> int:

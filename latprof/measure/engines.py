@@ -154,22 +154,18 @@ class TVMEngine:
                     seen.add(key)
                     todo.append((key, t))
         if todo:
-            bar = progress(total=len(todo), desc=f"tune ({self.trials} trials/task)", unit="task")
-            deadline = time.monotonic() + self.cfg.tuning["max_minutes"] * 60
-            for key, task in todo:  # one task at a time: progress, a time budget, and resumable
-                if time.monotonic() > deadline:
-                    bar.write(f"tuning time budget ({self.cfg.tuning['max_minutes']} min) spent: "
-                              f"{len(todo) - bar.n} tasks keep TVM's default schedule; `latprof tune` continues")
-                    break
-                try:
-                    self.tvmlib.tune_tasks([task], self.target, self.tuning_dir, self.trials, runner=self._runner())
-                except Exception as exc:
-                    raise CompileError(f"MetaSchedule failed on task {task.task_name}: {str(exc).splitlines()[-1][:200]}",
-                                       "check apache-tvm-ffi<0.1.15 and that psutil, cloudpickle, tornado, xgboost are installed") from None
-                db.record(key, trials=self.trials, name=task.task_name, tuned=True)
-                db.save()
-                bar.update(1)
+            total = len(todo) * self.trials
+            bar = progress(total=total, desc=f"tune {len(todo)} tasks x {self.trials} trials", unit="trial")
+            try:
+                self.tvmlib.tune_tasks([t for _, t in todo], self.target, self.tuning_dir, self.trials,
+                                       runner=self._runner(), on_trials=lambda name, n: bar.update(n))
+            except Exception as exc:
+                raise CompileError(f"MetaSchedule failed: {str(exc).splitlines()[-1][:200]}",
+                                   "check apache-tvm-ffi<0.1.15 and that psutil, cloudpickle, tornado, xgboost are installed") from None
             bar.close()
+            for key, task in todo:
+                db.record(key, trials=self.trials, name=task.task_name, tuned=True)
+            db.save()
             db.db = self.tvmlib.database(self.tuning_dir)  # re-read what the tuner wrote
         # every other graph replays the nearest anchor's schedule of the same task
         for g in graphs:
