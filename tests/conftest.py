@@ -32,3 +32,22 @@ def write_config(path: Path, **overrides) -> Path:
             cfg[key] = value
     path.write_text(yaml.safe_dump(cfg))
     return path
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _no_orphaned_tvm_workers():
+    """MetaSchedule and TVM's RPC pools leave popen workers behind when their owner dies; stop the ones
+    in this test run's process group at the end so repeated runs cannot exhaust memory."""
+    yield
+    import signal
+
+    import psutil
+
+    me, group = os.getpid(), os.getpgid(0)
+    for proc in psutil.process_iter(["pid", "cmdline"]):
+        try:
+            if proc.pid != me and "tvm.exec.popen_worker" in " ".join(proc.info["cmdline"] or []) \
+                    and os.getpgid(proc.pid) == group:
+                os.kill(proc.pid, signal.SIGKILL)
+        except (psutil.Error, ProcessLookupError):
+            pass

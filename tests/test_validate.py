@@ -62,7 +62,9 @@ def test_end_to_end_validation_onnxruntime(workdir, tmp_path):
     assert len(lines) == 3
     for c in v.configs:
         assert c.measured_ms > 0 and c.predicted_ms == c.sum_ms > 0
-        assert np.isfinite(c.error) and abs(c.error) < 1.0  # same order of magnitude as the sum of units
+        # same order of magnitude as the sum of units (within 10x either way: this only checks the
+        # pipeline; fidelity is measured by benchmarks/fidelity.py, where load is controlled)
+        assert np.isfinite(c.error) and -0.9 < c.error < 9.0
         assert len(c.samples_ms) == 7
     rec = json.loads(lines[0])
     assert rec["kept"] == v.configs[0].kept and rec["engine"] == "onnxruntime"
