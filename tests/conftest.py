@@ -34,6 +34,17 @@ def write_config(path: Path, **overrides) -> Path:
     return path
 
 
+@pytest.fixture
+def one_torch_thread():
+    """The CI machine has 2 shared cores: one torch thread avoids oversubscription (much faster here)."""
+    import torch
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _no_orphaned_tvm_workers():
     """MetaSchedule and TVM's RPC pools leave popen workers behind when their owner dies; stop the ones

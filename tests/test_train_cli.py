@@ -19,12 +19,7 @@ TINY = ["--model", "deit_t", "--img-size", "32", "--locations", "1,2,3", "--work
         "--model-kwargs", json.dumps(dict(embed_dim=32, depth=4, num_heads=2, patch_size=8))]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -52,13 +52,7 @@ def test_latency_term_only_above_budget():
     assert float(under.latency_ms) == pytest.approx(lm.predict_ms((16, 16, 16)), rel=1e-5)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The CI machine has 2 shared cores: one thread avoids oversubscription (much faster here)."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _train_ratio(target, steps=30):
