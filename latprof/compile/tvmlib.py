@@ -90,6 +90,13 @@ def tune_tasks(tasks, target, work_dir: str | Path, trials_per_task: int, runner
     from tvm.s_tir import meta_schedule as ms
     from tvm.ir.utils import derived_object
 
+    import logging
+
+    # MetaSchedule logs every candidate to the console at its logger's level; keep the console to
+    # warnings (the progress bar says how far it is) and the full logs in work_dir/logs
+    ms_logger = logging.getLogger("tvm.s_tir.meta_schedule")
+    if ms_logger.level == logging.NOTSET:
+        ms_logger.setLevel(logging.WARNING)
     db = database(work_dir)
     contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
         tasks, str(Path(work_dir) / "logs"), seed=seed)
