@@ -14,7 +14,6 @@ import statistics
 import time
 from pathlib import Path
 
-import numpy as np
 
 
 def time_callable(fn, min_ms: float, repeats: int) -> list[float]:
@@ -73,7 +72,7 @@ def main() -> None:
             for g in graphs:
                 x = g.example_input()
                 vm, dev = vms[g.digest]
-                results[g.tokens]["tvm"] += tvmlib.time_vm(session.rpc, vm, dev, [x], 2, 3, 0, m["min_repeat_ms"])
+                results[g.tokens]["tvm"] += tvmlib.time_vm(vm, dev, [x], 2, 3, 0, m["min_repeat_ms"])
                 feed = {"x": x}
                 results[g.tokens]["onnxruntime"] += time_callable(lambda: sessions[g.digest].run(None, feed),
                                                                   m["min_repeat_ms"], 3)

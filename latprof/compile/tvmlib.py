@@ -120,11 +120,6 @@ def tune_tasks(tasks, target, work_dir: str | Path, trials_per_task: int, runner
     return db
 
 
-def tuned_workloads(db) -> set:
-    """Structural hashes of the workloads the database holds a best record for."""
-    return {rec.workload.shash for rec in db.get_all_tuning_records()}
-
-
 def build(mod, target, db=None):
     """Compile a prepared module; with a database, its tuned schedules are applied first."""
     from tvm import relax
@@ -193,7 +188,7 @@ def load_remote(sess, lib_path: str | Path):
     return relax.VirtualMachine(rlib, dev), dev
 
 
-def time_vm(sess, vm, dev, inputs: list, warmup: int, repeats: int, number: int, min_repeat_ms: float) -> list[float]:
+def time_vm(vm, dev, inputs: list, warmup: int, repeats: int, number: int, min_repeat_ms: float) -> list[float]:
     """Raw samples in ms: each is the mean of `number` runs (number 0: enough runs for min_repeat_ms)."""
     import numpy as np
 

@@ -20,26 +20,16 @@ from latprof.measure.samples import SampleStore
 from latprof.models import get_model
 
 
-def median_ci(samples: np.ndarray, level: float = 0.95) -> tuple[float, float]:
-    """Order-statistic confidence interval of the median (binomial, normal approximation)."""
+def median_ci(samples: np.ndarray) -> tuple[float, float]:
+    """95% order-statistic confidence interval of the median (binomial, normal approximation)."""
     s = np.sort(samples)
     n = len(s)
     if n < 6:
         return float(s[0]), float(s[-1])
-    z = 1.959963984540054 if level == 0.95 else float(np.sqrt(2) * _erfinv(level))
+    z = 1.959963984540054
     lo = int(np.floor(n / 2 - z * np.sqrt(n) / 2))
     hi = int(np.ceil(1 + n / 2 + z * np.sqrt(n) / 2))
     return float(s[max(lo, 1) - 1]), float(s[min(hi, n) - 1])
-
-
-def _erfinv(y: float) -> float:
-    from math import erf
-
-    lo, hi = 0.0, 6.0
-    for _ in range(80):
-        mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if erf(mid) < y else (lo, mid)
-    return lo
 
 
 def build_lut(store_path: Path, device: str | None = None, engine: str | None = None) -> LutTable:

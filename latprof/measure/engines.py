@@ -158,7 +158,7 @@ class TVMEngine:
             bar = progress(total=total, desc=f"tune {len(todo)} tasks x {self.trials} trials", unit="trial")
             try:
                 self.tvmlib.tune_tasks([t for _, t in todo], self.target, self.tuning_dir, self.trials,
-                                       runner=self._runner(), on_trials=lambda name, n: bar.update(n))
+                                       on_trials=lambda name, n: bar.update(n))
             except Exception as exc:
                 raise CompileError(f"MetaSchedule failed: {str(exc).splitlines()[-1][:200]}",
                                    "check apache-tvm-ffi<0.1.15 and that psutil, cloudpickle, tornado, xgboost are installed") from None
@@ -182,9 +182,6 @@ class TVMEngine:
                 if tuning.transfer(db.db, sources[t.task_name], t, self.target):
                     db.record(key, trials=self.trials, name=t.task_name, transferred_from=src.tokens)
         db.save()
-
-    def _runner(self):
-        return "local"
 
     def _compile(self, graph: Graph, mod, db) -> Path:
         fingerprint = "untuned"
@@ -212,7 +209,7 @@ class TVMEngine:
             vm, dev = self._vms[artifact]
             x = graph.example_input()
             out = self.tvmlib.run_vm(vm, dev, [x])
-            samples = self.tvmlib.time_vm(session.rpc, vm, dev, [x], m["warmup"], m["repeats"], m["number"],
+            samples = self.tvmlib.time_vm(vm, dev, [x], m["warmup"], m["repeats"], m["number"],
                                           m["min_repeat_ms"])
         except Exception as exc:
             if isinstance(exc, (KeyboardInterrupt, CompileError)):
@@ -224,6 +221,3 @@ class TVMEngine:
             raise CompileError(f"{graph.model}/{graph.shared} at N={graph.tokens}: device output differs from onnxruntime by {err:.2e}",
                                "the compiled module is wrong; remove its tuning records or report it")
         return samples, err
-
-    def reset(self) -> None:
-        self._vms.clear()

@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as _dt
-import re
 from pathlib import Path
 
-from latprof.devices import load_config, open_session
+from latprof.devices import open_session
 from latprof.devices.config import DeviceConfig
 from latprof.errors import UsageError
-from latprof.measure.runner import compile_graphs, default_workdir, export_graphs, make_engine
+from latprof.measure.runner import compile_graphs, default_workdir, export_graphs, like_baseline, make_engine
 from latprof.measure.samples import SampleStore, point_key
 from latprof.models import get_model
 from latprof.progress import bar_factory
@@ -31,16 +30,10 @@ def remeasure_interleaved(baseline, device: str | DeviceConfig, models: list[str
     if not baseline_build or not Path(baseline_build).is_dir():
         raise UsageError(f"baseline build '{baseline_build}' is not a directory",
                          "pass --baseline-build DIR: the baseline's latprof workdir (its latprof-work/)")
-    cfg = device if isinstance(device, DeviceConfig) else load_config(device)
+    cfg, engine, trials = like_baseline(device, baseline)
     prov = baseline.provenance
-    settings = prov.get("settings") or {}
-    per_round = max(1, int(settings.get("repeats", cfg.measure["repeats"])) // max(rounds, 1))
-    cfg = dataclasses.replace(cfg, threads=settings.get("threads", cfg.threads), cpus=settings.get("cpus", cfg.cpus),
-                              measure={**cfg.measure, **{k: v for k, v in settings.items() if k in cfg.measure},
-                                       "repeats": per_round})
-    m = re.match(r"metaschedule:(\d+)", str(prov.get("tuning", "")))
-    trials = int(m.group(1)) if m else 0
-    engine = prov.get("engine") or baseline.engine
+    per_round = max(1, cfg.measure["repeats"] // max(rounds, 1))
+    cfg = dataclasses.replace(cfg, measure={**cfg.measure, "repeats": per_round})
     builds = {"baseline": Path(baseline_build), "candidate": Path(workdir or default_workdir())}
     stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%S%f")
     stores = {k: SampleStore(builds["candidate"] / "samples" / f"interleave-{k}-{cfg.name}-{stamp}.jsonl") for k in builds}

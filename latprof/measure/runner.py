@@ -207,29 +207,34 @@ def make_engine(name: str, cfg: DeviceConfig, spec: ModelSpec, workdir: Path, tr
     return eng
 
 
+def like_baseline(device: str | DeviceConfig, baseline) -> tuple[DeviceConfig, str, int]:
+    """The device config with the baseline's measurement settings, threads and cores, and the baseline's
+    engine and trials per task: what makes new samples comparable with the baseline's."""
+    import dataclasses
+    import re
+
+    cfg = device if isinstance(device, DeviceConfig) else load_config(device)
+    prov = baseline.provenance
+    settings = prov.get("settings") or {}
+    cfg = dataclasses.replace(cfg, measure={**cfg.measure, **{k: v for k, v in settings.items() if k in cfg.measure}},
+                              threads=settings.get("threads", cfg.threads), cpus=settings.get("cpus", cfg.cpus))
+    m = re.match(r"metaschedule:(\d+)", str(prov.get("tuning", "")))
+    return cfg, prov.get("engine") or baseline.engine, int(m.group(1)) if m else 0
+
+
 def remeasure_like(baseline, device: str | DeviceConfig, model: str, units: list[str] | None = None,
                    workdir: Path | None = None, progress: bool = True):
     """A fresh table of `model` measured like `baseline` (same engine, tuning budget, token counts and
     measurement settings), for `latprof check`. Its samples go to a store of their own."""
-    import dataclasses
-    import re
-
     from latprof.lut.build import build_lut
 
-    cfg = device if isinstance(device, DeviceConfig) else load_config(device)
-    prov = baseline.provenance
-    base_settings = prov.get("settings") or {}
-    cfg = dataclasses.replace(cfg, measure={**cfg.measure, **{k: v for k, v in base_settings.items() if k in cfg.measure}},
-                              threads=base_settings.get("threads", cfg.threads), cpus=base_settings.get("cpus", cfg.cpus))
+    cfg, engine, trials = like_baseline(device, baseline)
     frame = baseline.model_frame(model)
     if units:
         frame = frame[frame["unit"].isin(units)]
         if frame.empty:
             raise UsageError(f"the baseline has none of the units {units} for {model}",
                              f"choose from {baseline.units(model)}")
-    engine = prov.get("engine") or baseline.engine
-    m = re.match(r"metaschedule:(\d+)", str(prov.get("tuning", "")))
-    trials = int(m.group(1)) if m else 0
     workdir = Path(workdir or default_workdir())
     stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%S%f")
     store = workdir / "samples" / f"check-{cfg.name}-{stamp}.jsonl"
