@@ -55,6 +55,9 @@ def parse_ints(text: str | None, what: str):
 @click.option("--workers", default=2, show_default=True, type=int, help="Data-loader workers.")
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--max-steps", type=int, help="Stop each epoch after this many steps (smoke runs).")
+@click.option("--precision", type=click.Choice(["fp32", "bf16"]), default="fp32", show_default=True,
+              help="bf16: autocast mixed precision (GPU).")
+@click.option("--compile", "compile_", is_flag=True, help="torch.compile the model (faster steps on a GPU after a warm-up).")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 def train(**opts):
     """Train SPViT against a latency lookup table and a budget."""
@@ -74,7 +77,8 @@ def train(**opts):
         latency_weight=opts["latency_weight"], distill_weight=opts["distill_weight"],
         locations=parse_ints(opts["locations"], "locations"), img_size=opts["img_size"], model_kwargs=kwargs,
         every_count=opts["every_count"], engine=opts["engine"], workers=opts["workers"], seed=opts["seed"],
-        max_steps=opts["max_steps"], progress=not opts["no_progress"])
+        max_steps=opts["max_steps"], progress=not opts["no_progress"], precision=opts["precision"],
+        compile=opts["compile_"])
     result = run(cfg, log=click.echo)
     if result["rank"] == 0:
         click.echo(f"done: {result['out']}/last.pt, kept {list(result['kept'])}, "

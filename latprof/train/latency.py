@@ -170,5 +170,6 @@ def interp(x, xs, ys):
         return torch.zeros_like(x) + ys[0]
     x = x.clamp(xs[0], xs[-1])
     i = (torch.searchsorted(xs, x.detach().contiguous(), right=True) - 1).clamp(0, xs.numel() - 2)
-    x0, x1, y0, y1 = xs[i], xs[i + 1], ys[i], ys[i + 1]
+    # take(), not xs[i]: indexing with a 0-d tensor reads it on the host (a GPU sync every step)
+    x0, x1, y0, y1 = xs.take(i), xs.take(i + 1), ys.take(i), ys.take(i + 1)
     return y0 + (x - x0) / (x1 - x0) * (y1 - y0)

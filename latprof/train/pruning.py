@@ -103,15 +103,28 @@ def package_token(x: torch.Tensor, scores: torch.Tensor, dropped: torch.Tensor) 
     return (w[..., None] * x).sum(1, keepdim=True) / (w.sum(1)[:, None, None] + 1e-6)
 
 
-def softmax_with_policy(attn: torch.Tensor, policy: torch.Tensor) -> torch.Tensor:
-    """Softmax over keys where no query attends to a dead key (policy 0), except a dead token to itself
-    (so its row stays finite). attn [B, H, N, N] logits, policy [B, N]. Multiplicative, so the gradient
-    reaches the policy (straight-through). Equal to removing the dead tokens, for the alive rows."""
-    N = attn.shape[-1]
-    p = policy.to(attn.dtype)[:, None, None, :]
-    eye = torch.eye(N, dtype=attn.dtype, device=attn.device)[None, None]
-    p = p + (1.0 - p) * eye
+def policy_mask(policy: torch.Tensor):
+    """Attention mask of a keep policy [B, N], built once per pruning stage and shared by its blocks.
+
+    Returns (mask, bias), both [B, 1, 1 or N, N]: `mask` is multiplicative (1 where the key is alive; a
+    dead token still attends to itself, so its row stays finite), `bias` is 0 on alive keys and -1e4 on
+    dead ones (constant, no gradient), used only to find the row maximum over alive keys."""
+    N = policy.shape[-1]
+    p = policy[:, None, None, :]
+    eye = torch.eye(N, dtype=p.dtype, device=p.device)[None, None]
+    mask = p + (1.0 - p) * eye
+    return mask, (mask.detach() - 1.0) * 1e4
+
+
+def masked_softmax(attn: torch.Tensor, mask: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """Softmax over keys under a `policy_mask`. Multiplicative, so the gradient reaches the policy
+    (straight-through). Equal to removing the dead tokens, for the alive rows."""
     # subtract the max over alive keys (a dead key's large logit must not underflow the alive ones)
-    shift = (attn + (p.detach() - 1.0) * 1e4).amax(-1, keepdim=True).detach()
-    e = (attn - shift).exp() * p
+    shift = (attn + bias).amax(-1, keepdim=True).detach()
+    e = (attn - shift).exp() * mask
     return e / e.sum(-1, keepdim=True)
+
+
+def softmax_with_policy(attn: torch.Tensor, policy: torch.Tensor) -> torch.Tensor:
+    """`masked_softmax` straight from a policy [B, N]; attn [B, H, N, N] logits."""
+    return masked_softmax(attn, *policy_mask(policy.to(attn.dtype)))

@@ -2,7 +2,7 @@
 per stage, attention masking in training and real token removal at inference.
 
 The timm model is held, not modified: its blocks run unchanged when no token is masked (stage 0 and
-the removal path), and `masked_block` calls the same submodules with `softmax_with_policy` when tokens
+the removal path), and `masked_block` calls the same submodules with a masked softmax when tokens
 are masked. Forward returns everything it decided (`SPViTOutput`); nothing is stored on the module.
 
 Modes of `SPViT.forward`:
@@ -91,7 +91,8 @@ class SPViT(nn.Module):
                 probs.append(scores[..., 0].exp() * alive)
                 keeps.append(keep)
                 stage += 1
-            x = blk(x) if stage == 0 else masked_block(blk, x, policy)
+                mask = pruning.policy_mask(policy)   # once per stage: its blocks share one policy
+            x = blk(x) if stage == 0 else masked_block(blk, x, mask)
         return SPViTOutput(self._head(x), probs, keeps)
 
     def _forward_removal(self, x, kept):
@@ -116,15 +117,16 @@ class SPViT(nn.Module):
         return self.vit.forward_head(self.vit.norm(x))
 
 
-def masked_block(blk: nn.Module, x: torch.Tensor, policy: torch.Tensor) -> torch.Tensor:
-    """timm `Block.forward` with attention under `policy` (the same submodules, masked softmax)."""
-    x = x + blk.drop_path1(blk.ls1(masked_attention(blk.attn, blk.norm1(x), policy)))
+def masked_block(blk: nn.Module, x: torch.Tensor, mask) -> torch.Tensor:
+    """timm `Block.forward` with attention under `mask` = `pruning.policy_mask(policy)` (the same
+    submodules, masked softmax)."""
+    x = x + blk.drop_path1(blk.ls1(masked_attention(blk.attn, blk.norm1(x), mask)))
     x = x + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(x))))
     return x
 
 
-def masked_attention(attn: nn.Module, x: torch.Tensor, policy: torch.Tensor) -> torch.Tensor:
-    """timm `Attention.forward` (non-fused path) with `pruning.softmax_with_policy`."""
+def masked_attention(attn: nn.Module, x: torch.Tensor, mask) -> torch.Tensor:
+    """timm `Attention.forward` (non-fused path) with `pruning.masked_softmax` under `mask`."""
     B, N, C = x.shape
     heads = attn.num_heads
     head_dim = getattr(attn, "head_dim", C // heads)
@@ -134,7 +136,7 @@ def masked_attention(attn: nn.Module, x: torch.Tensor, policy: torch.Tensor) -> 
     q, k, v = qkv.unbind(0)
     q, k = attn.q_norm(q), attn.k_norm(k)
     a = (q * attn.scale) @ k.transpose(-2, -1)
-    a = attn.attn_drop(pruning.softmax_with_policy(a, policy))
+    a = attn.attn_drop(pruning.masked_softmax(a, *mask))
     x = (a @ v).transpose(1, 2).reshape(B, N, heads * head_dim)
     norm = getattr(attn, "norm", None)
     if norm is not None:

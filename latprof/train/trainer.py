@@ -42,6 +42,8 @@ class TrainConfig:
     max_steps: int | None = None      # stop each epoch after this many steps (smoke runs)
     progress: bool = True
     engine: str | None = None         # table engine when the table mixes several
+    precision: str = "fp32"           # fp32 | bf16 (autocast; the residual stream stays fp32)
+    compile: bool = False             # torch.compile the training model (fuses the masked attention)
 
 
 def create_backbone(timm_name: str, num_classes: int, img_size, model_kwargs: dict):
@@ -178,6 +180,8 @@ def run(cfg: TrainConfig, log=print) -> dict:
     net = model
     if world > 1:
         net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if cfg.compile:
+        net = torch.compile(net)
 
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
@@ -197,23 +201,26 @@ def run(cfg: TrainConfig, log=print) -> dict:
             if step >= steps_per_epoch:
                 break
             images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-            output = net(images)
-            loss = F.cross_entropy(output.logits, labels)
-            if teacher is not None:
-                with torch.no_grad():
-                    t_logits = teacher(images)
-                kl = F.kl_div(output.logits.log_softmax(-1), t_logits.log_softmax(-1), reduction="batchmean",
-                              log_target=True)
-                loss = (1 - cfg.distill_weight) * loss + cfg.distill_weight * kl
-            lat = criterion(output.keep_prob)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
+                output = net(images)
+                logits = output.logits.float()
+                loss = F.cross_entropy(logits, labels)
+                if teacher is not None:
+                    with torch.no_grad():
+                        t_logits = teacher(images).float()
+                    kl = F.kl_div(logits.log_softmax(-1), t_logits.log_softmax(-1), reduction="batchmean",
+                                  log_target=True)
+                    loss = (1 - cfg.distill_weight) * loss + cfg.distill_weight * kl
+            lat = criterion([p.float() for p in output.keep_prob])
             loss = loss + cfg.latency_weight * lat.loss
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             scheduler.step()
             n = labels.shape[0]
-            sums += torch.stack([loss.detach() * n, (output.logits.argmax(-1) == labels).sum().float(),
-                                 torch.tensor(float(n), device=device), lat.latency_ms * n])
+            # torch.full, not torch.tensor(n, device=...): a host-to-device copy would sync every step
+            sums += torch.stack([loss.detach() * n, (logits.argmax(-1) == labels).sum().float(),
+                                 torch.full((), float(n), device=device), lat.latency_ms * n])
             if rank == 0 and cfg.progress and (step % 10 == 0 or step == steps_per_epoch - 1):
                 s = sums.tolist()  # a sync every 10 steps for the bar, never inside forward
                 bar.set_postfix(loss=f"{s[0] / s[2]:.3f}", acc=f"{s[1] / s[2]:.3f}", lat_ms=f"{s[3] / s[2]:.3g}")
