@@ -81,6 +81,17 @@ def test_train_resume_export(workdir, tmp_path):
     assert "onnxruntime max |diff|" in res.output
 
 
+def test_bf16_precision_trains_and_records_it(workdir, tmp_path):
+    out = tmp_path / "bf16"
+    res = CliRunner().invoke(train, base_args(workdir, out) + ["--random-init", "--epochs", "1", "--precision", "bf16",
+                                                               "--max-steps", "2"], catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    ckpt = torch.load(out / "last.pt", weights_only=True)
+    assert ckpt["config"]["run"]["precision"] == "bf16"
+    assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
+    assert all(v.dtype == torch.float32 for v in ckpt["model"].values() if v.is_floating_point())
+
+
 def test_checkpoint_and_teacher_from_timm_state_dict(workdir, tmp_path):
     from latprof.train.trainer import create_backbone
 

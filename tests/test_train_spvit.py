@@ -66,6 +66,34 @@ def test_softmax_with_policy_equals_removal():
     assert torch.isfinite(out).all()
 
 
+def test_fused_attention_bias_matches_reference_values_and_gradients():
+    """SDPA with `attention_bias` = the multiplicative reference, in value and in the gradient that
+    reaches the policy (dead tokens included: that gradient is what trains the selector)."""
+    torch.manual_seed(0)
+    B, H, N, D = 2, 3, 7, 4
+    q, k, v = (torch.randn(B, H, N, D, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    hard = torch.tensor([[1, 0, 1, 1, 0, 1, 0], [1, 1, 1, 0, 0, 0, 1]], dtype=torch.float64)
+    weight = torch.randn(B, H, N, D, dtype=torch.float64)
+
+    def run(fused):
+        policy = hard.clone().requires_grad_(True)
+        if fused:
+            out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=pruning.attention_bias(policy))
+        else:
+            out = pruning.softmax_with_policy(q @ k.transpose(-2, -1) / D ** 0.5, policy) @ v
+        grads = torch.autograd.grad((out * weight).sum(), (q, k, v, policy))
+        return out, grads
+
+    out_f, grads_f = run(True)
+    out_r, grads_r = run(False)
+    torch.testing.assert_close(out_f, out_r, rtol=1e-7, atol=1e-8)
+    for gf, gr in zip(grads_f, grads_r):
+        torch.testing.assert_close(gf, gr, rtol=1e-6, atol=1e-8)
+    assert grads_r[3][hard == 0].abs().min() > 1e-4   # dead tokens do get a gradient
+    with torch.no_grad():   # without a gradient the bias removes dead keys exactly
+        assert torch.isinf(pruning.attention_bias(hard)[0, 0, 0, 1])
+
+
 def test_gumbel_straight_through_is_hard_and_differentiable():
     torch.manual_seed(0)
     logits = torch.randn(4, 7, 2, requires_grad=True)

@@ -103,28 +103,38 @@ def package_token(x: torch.Tensor, scores: torch.Tensor, dropped: torch.Tensor) 
     return (w[..., None] * x).sum(1, keepdim=True) / (w.sum(1)[:, None, None] + 1e-6)
 
 
-def policy_mask(policy: torch.Tensor):
-    """Attention mask of a keep policy [B, N], built once per pruning stage and shared by its blocks.
+# Floor of the training mask: a dead key keeps weight EPS, so the gradient of log(mask + EPS) reaches it.
+EPS = 1e-9
 
-    Returns (mask, bias), both [B, 1, 1 or N, N]: `mask` is multiplicative (1 where the key is alive; a
-    dead token still attends to itself, so its row stays finite), `bias` is 0 on alive keys and -1e4 on
-    dead ones (constant, no gradient), used only to find the row maximum over alive keys."""
+
+def policy_mask(policy: torch.Tensor) -> torch.Tensor:
+    """Multiplicative attention mask [B, 1, N, N] of a keep policy [B, N]: 1 where the key is alive;
+    a dead token still attends to itself, so its row stays finite."""
     N = policy.shape[-1]
     p = policy[:, None, None, :]
     eye = torch.eye(N, dtype=p.dtype, device=p.device)[None, None]
-    mask = p + (1.0 - p) * eye
-    return mask, (mask.detach() - 1.0) * 1e4
+    return p + (1.0 - p) * eye
 
 
-def masked_softmax(attn: torch.Tensor, mask: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    """Softmax over keys under a `policy_mask`. Multiplicative, so the gradient reaches the policy
-    (straight-through). Equal to removing the dead tokens, for the alive rows."""
-    # subtract the max over alive keys (a dead key's large logit must not underflow the alive ones)
-    shift = (attn + bias).amax(-1, keepdim=True).detach()
-    e = (attn - shift).exp() * mask
-    return e / e.sum(-1, keepdim=True)
+def attention_bias(policy: torch.Tensor) -> torch.Tensor:
+    """Additive attention bias [B, 1, N, N] of a keep policy, for fused attention (SDPA), built once
+    per pruning stage and shared by its blocks.
+
+    softmax(a + log m) = m e^a / sum(m e^a): the multiplicative mask of `softmax_with_policy`. Its
+    gradient d/dm = (1/m) d/d(log m) is 0 x inf at a dead key, so while the policy carries a gradient
+    the mask gets a floor EPS: the gradient is then exactly that of the multiplicative form with mask
+    m + EPS (a dead key weighs EPS instead of 0, far below bf16 resolution). Without a gradient the bias
+    is -inf at dead keys: exact removal."""
+    mask = policy_mask(policy)
+    return torch.log(mask + EPS) if mask.requires_grad else torch.log(mask)
 
 
 def softmax_with_policy(attn: torch.Tensor, policy: torch.Tensor) -> torch.Tensor:
-    """`masked_softmax` straight from a policy [B, N]; attn [B, H, N, N] logits."""
-    return masked_softmax(attn, *policy_mask(policy.to(attn.dtype)))
+    """Reference masked softmax over keys (SPViT/DynamicViT's form), attn [B, H, N, N] logits, policy
+    [B, N]. Multiplicative, so the gradient reaches the policy (straight-through). Equal to removing
+    the dead tokens, for the alive rows. The model uses the fused `attention_bias` form of it."""
+    mask = policy_mask(policy.to(attn.dtype))
+    # subtract the max over alive keys (a dead key's large logit must not underflow the alive ones)
+    shift = (attn + (mask.detach() - 1.0) * 1e4).amax(-1, keepdim=True).detach()
+    e = (attn - shift).exp() * mask
+    return e / e.sum(-1, keepdim=True)

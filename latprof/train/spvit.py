@@ -2,7 +2,7 @@
 per stage, attention masking in training and real token removal at inference.
 
 The timm model is held, not modified: its blocks run unchanged when no token is masked (stage 0 and
-the removal path), and `masked_block` calls the same submodules with a masked softmax when tokens
+the removal path), and `masked_block` calls the same submodules with masked attention when tokens
 are masked. Forward returns everything it decided (`SPViTOutput`); nothing is stored on the module.
 
 Modes of `SPViT.forward`:
@@ -18,6 +18,7 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from latprof.train import pruning
@@ -91,8 +92,8 @@ class SPViT(nn.Module):
                 probs.append(scores[..., 0].exp() * alive)
                 keeps.append(keep)
                 stage += 1
-                mask = pruning.policy_mask(policy)   # once per stage: its blocks share one policy
-            x = blk(x) if stage == 0 else masked_block(blk, x, mask)
+                bias = pruning.attention_bias(policy)   # once per stage: its blocks share one policy
+            x = blk(x) if stage == 0 else masked_block(blk, x, bias)
         return SPViTOutput(self._head(x), probs, keeps)
 
     def _forward_removal(self, x, kept):
@@ -117,16 +118,17 @@ class SPViT(nn.Module):
         return self.vit.forward_head(self.vit.norm(x))
 
 
-def masked_block(blk: nn.Module, x: torch.Tensor, mask) -> torch.Tensor:
-    """timm `Block.forward` with attention under `mask` = `pruning.policy_mask(policy)` (the same
-    submodules, masked softmax)."""
-    x = x + blk.drop_path1(blk.ls1(masked_attention(blk.attn, blk.norm1(x), mask)))
+def masked_block(blk: nn.Module, x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """timm `Block.forward` with attention under `bias` = `pruning.attention_bias(policy)` (the same
+    submodules, masked attention)."""
+    x = x + blk.drop_path1(blk.ls1(masked_attention(blk.attn, blk.norm1(x), bias)))
     x = x + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(x))))
     return x
 
 
-def masked_attention(attn: nn.Module, x: torch.Tensor, mask) -> torch.Tensor:
-    """timm `Attention.forward` (non-fused path) with `pruning.masked_softmax` under `mask`."""
+def masked_attention(attn: nn.Module, x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """timm `Attention.forward` with the policy as an additive bias of fused attention (SDPA picks a
+    kernel that also returns the bias gradient, so nothing of size N x N is kept for backward)."""
     B, N, C = x.shape
     heads = attn.num_heads
     head_dim = getattr(attn, "head_dim", C // heads)
@@ -135,9 +137,9 @@ def masked_attention(attn: nn.Module, x: torch.Tensor, mask) -> torch.Tensor:
     qkv = attn.qkv(x).reshape(B, N, 3, heads, head_dim).permute(2, 0, 3, 1, 4)
     q, k, v = qkv.unbind(0)
     q, k = attn.q_norm(q), attn.k_norm(k)
-    a = (q * attn.scale) @ k.transpose(-2, -1)
-    a = attn.attn_drop(pruning.masked_softmax(a, *mask))
-    x = (a @ v).transpose(1, 2).reshape(B, N, heads * head_dim)
+    x = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype), scale=attn.scale,
+                                       dropout_p=attn.attn_drop.p if attn.training else 0.0)
+    x = x.transpose(1, 2).reshape(B, N, heads * head_dim)
     norm = getattr(attn, "norm", None)
     if norm is not None:
         x = norm(x)

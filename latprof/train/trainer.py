@@ -153,7 +153,7 @@ def run(cfg: TrainConfig, log=print) -> dict:
     optimizer = torch.optim.AdamW([
         {"params": list(model.selector_parameters()), "lr": cfg.lr},
         {"params": list(model.backbone_parameters()), "lr": cfg.lr * cfg.backbone_lr_scale},
-    ], weight_decay=cfg.weight_decay)
+    ], weight_decay=cfg.weight_decay, fused=device.type == "cuda")  # fused: one kernel, not one per tensor
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * min(step, total_steps) / total_steps)))
 
