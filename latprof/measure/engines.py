@@ -191,7 +191,8 @@ class TVMEngine:
                 rec = db.db.query_tuning_record(t.dispatched[0], self.target, "main")
                 recs.append(str(rec.trace) if rec is not None else "-")
             fingerprint = hashlib.sha256("\n".join(recs).encode()).hexdigest()
-        key = hashlib.sha256("|".join([graph.digest, self.target_label(), self.tvmlib.version(), fingerprint,
+        key = hashlib.sha256("|".join([graph.digest, self.target_label(), self.tvmlib.version(),
+                                        self.tvmlib.BUILD_VERSION, fingerprint,
                                         self.cfg.cross_compiler or ""]).encode()).hexdigest()[:24]
         path = self.lib_dir / f"{key}.so"
         if path.exists():
