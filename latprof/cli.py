@@ -113,7 +113,7 @@ def measure(device, model, tokens, engine, trials, lut_out, workdir, quiet):
 @quiet_option
 def tune(device, model, tokens, trials, workdir, quiet):
     """Tune MODEL's graphs for DEVICE into the persistent tuning database (and compile them)."""
-    from latprof.devices import load_config
+    from latprof.devices import load_config, open_session
     from latprof.measure.runner import compile_graphs, default_workdir, export_graphs, make_engine, parse_tokens
     from latprof.models import get_model
     from latprof.progress import bar_factory
@@ -124,7 +124,11 @@ def tune(device, model, tokens, trials, workdir, quiet):
     bars = bar_factory(not quiet)
     eng = make_engine("tvm", cfg, spec, workdir, trials)
     graphs = export_graphs(spec, parse_tokens(tokens, spec), workdir, bars)
-    libs = compile_graphs(eng, spec, graphs, workdir, bars)
+    if cfg.transport == "local":  # this CPU: MetaSchedule's local runner times the candidates
+        libs = compile_graphs(eng, spec, graphs, workdir, bars)
+    else:  # candidates are timed on the device
+        with open_session(cfg) as session:
+            libs = compile_graphs(eng, spec, graphs, workdir, bars, session)
     click.echo(f"{len(libs)} graphs tuned ({eng.tuning_label()}) and compiled; database in {eng.tuning_dir}")
 
 

@@ -204,7 +204,7 @@ def table_engine(table, cfg, spec, workdir: Path):
     return eng
 
 
-def _prepare(eng, spec, graphs, workdir: Path, bars, schedules) -> dict[str, str]:
+def _prepare(eng, spec, graphs, workdir: Path, bars, schedules, session=None) -> dict[str, str]:
     """Compile `graphs` (whole models, probe) in the table's tuning state. For tuned TVM the units at the
     schedules' token counts are prepared first (schedules transferred from the anchors into the tuning
     database), so the whole models' tasks find them by workload instead of being tuned afresh."""
@@ -214,9 +214,9 @@ def _prepare(eng, spec, graphs, workdir: Path, bars, schedules) -> dict[str, str
         ns = sorted({n for s in schedules for u, n in unit_tokens(spec, s).items()
                      if spec.unit(u).kind == "tokens"})
         units = runner.export_graphs(spec, ns, workdir, bars)
-        runner.compile_graphs(eng, spec, units, workdir, bars)
-        return eng.prepare(graphs, bars, anchors=[])
-    return eng.prepare(graphs, bars)
+        runner.compile_graphs(eng, spec, units, workdir, bars, session)
+        return eng.prepare(graphs, bars, anchors=[], session=session)
+    return eng.prepare(graphs, bars, session=session)
 
 
 # -- validate ------------------------------------------------------------------------------------------
@@ -291,11 +291,12 @@ def validate(device, model: str, lut, configs: int = 20, seed: int = 0, workdir=
         from latprof.measure.runner import export_graphs
 
         ref = next(g for g in export_graphs(spec, [spec.max_tokens], workdir, bars) if g.shared == "block")
-        artifacts = _prepare(eng, spec, list(graphs.values()) + [ref] + ([probe] if probe else []), workdir, bars, todo)
         rpath.parent.mkdir(parents=True, exist_ok=True)
         session_cm = open_session(cfg) if eng.needs_session else None
         session = session_cm.__enter__() if session_cm else None
         try:
+            artifacts = _prepare(eng, spec, list(graphs.values()) + [ref] + ([probe] if probe else []), workdir, bars,
+                                 todo, session)
             bar = bars(total=len(todo), desc=f"measure end to end on {cfg.name}", unit="model")
             probe_medians = []
             for i, s in enumerate(todo):

@@ -6,9 +6,12 @@ on a small CPU. Two things make it affordable:
   reshapes and transposes cost microseconds and get TVM's default schedule;
 - tuning is shared across token counts: only *anchor* counts (default one, N=192) are tuned with the
   trial budget, and every measured count replays the tuned schedule of the same task at the nearest
-  anchor, with its tile sizes re-fitted to the new extent ("transfer"; a loop that no longer divides
-  gets a predicated tail). A transferred schedule is checked like any
-  other: the outputs are compared with onnxruntime before a sample is kept.
+  anchor, with its tile sizes re-fitted to the new extent ("transfer"). The split factors are written
+  into the replayed trace as constants: a tile *sample* whose factors do not divide the new extent is
+  silently re-sampled by TVM into trivial tiles (that made transferred blocks 4-7x slower). There is
+  more than one way to re-fit (predicated tails, perfect divisors); each is a candidate, timed on the
+  device, and the fastest is kept. A transferred schedule is checked like any other: the outputs are
+  compared with onnxruntime before a sample is kept.
 
 The persistent database lives under `<workdir>/tuning/<device>-<target hash>/`, so later runs and the
 final deployment reuse it; `budget.json` there records the trials each task has had.
@@ -77,27 +80,129 @@ def refit_tile(extent: int, old: list[int]) -> list[int]:
     return [-(-extent // max(math.prod(inner), 1))] + inner
 
 
-def transfer(db, src_task, dst_task, target) -> bool:
-    """Replay the best schedule of `src_task` on `dst_task` (same task, other N) into `db`."""
+def divisor_tile(extent: int, old: list[int]) -> list[int]:
+    """Perfect tile factors for `extent` shaped like `old`: each inner factor becomes the largest
+    divisor of what is left that does not exceed it (no predicate; for a prime extent, no tiling)."""
+    inner, rest = [1] * (len(old) - 1), extent
+    for j in range(len(old) - 1, 0, -1):
+        inner[j - 1] = max(d for d in range(1, min(int(old[j]), rest) + 1) if rest % d == 0)
+        rest //= inner[j - 1]
+    return [rest] + inner
+
+
+# How a tuned schedule's tiles are re-fitted to another token count. No one policy wins (measured on a
+# DeiT-T block, anchor 192 -> 197: predicated tails are 8x faster for the attention-times-V matmul, and
+# 2x slower for QK^T than perfect tiles), so every policy is a candidate and the fastest one is kept.
+# MetaSchedule's multi-level tiling samples 2 factors for a reduction loop and 4 for a spatial one.
+REFITS = {
+    "predicated": lambda e, old: refit_tile(e, old),
+    "divisors": lambda e, old: divisor_tile(e, old),
+    "mixed": lambda e, old: (divisor_tile if len(old) == 2 else refit_tile)(e, old),
+}
+
+
+def _tile_extents(trace, mod) -> list[int]:
+    """The extent at `mod` of the loop behind each tile sample of `trace`, in order."""
     from tvm.s_tir import Schedule
-    from tvm.s_tir import meta_schedule as ms
 
-    src_mod, dst_mod = src_task.dispatched[0], dst_task.dispatched[0]
-    rec = db.query_tuning_record(src_mod, target, "main")
-    if rec is None:
-        return False
-    sch = Schedule(dst_mod)
+    sch, extents = Schedule(mod), []
 
-    def adjust(inst, inputs, attrs, decision):
+    def record(inst, inputs, attrs, decision):
         if inst.kind.name == "SamplePerfectTile":
-            return refit_tile(int(sch.get(inputs[0]).extent), [int(v) for v in decision])
+            extents.append(int(sch.get(inputs[0]).extent))
         return decision
 
-    try:
-        rec.trace.apply_to_schedule(sch, remove_postproc=False, decision_provider=adjust)
-    except Exception:  # a schedule that does not fit the new extent: that N keeps TVM's default
-        return False
-    workload = db.commit_workload(dst_mod)
+    try:  # the replay stops where the source's decisions no longer fit; the extents seen so far are right
+        trace.apply_to_schedule(sch, remove_postproc=False, decision_provider=record)
+    except Exception:
+        pass
+    return extents
+
+
+def _with_tiles(trace, extents: list[int], refit):
+    """`trace` with each changed tile sample replaced by constant split factors: a split may be
+    predicated, a tile sample may not (TVM re-samples a decision that does not divide)."""
+    from tvm.s_tir.schedule import Instruction, Trace
+
+    samples = [i for i in trace.insts if i.kind.name == "SamplePerfectTile"]
+    if len(samples) != len(extents):
+        return None
+    # TVM objects hash by identity of the underlying node: instructions and RVs work as dict keys
+    tiles = {i: refit(e, [int(v) for v in trace.decisions[i]]) for i, e in zip(samples, extents)}
+    const, insts, decisions = {}, [], {}
+    for inst in trace.insts:
+        old = trace.decisions.get(inst) if inst.kind.name == "SamplePerfectTile" else None
+        if old is not None and [int(v) for v in old] != tiles[inst]:
+            const.update(zip(inst.outputs, tiles[inst]))
+            continue
+        orig = list(inst.inputs)
+        if any(_is_rv(x) and x in const for x in orig):
+            new = Instruction(inst.kind, [const.get(x, x) if _is_rv(x) else x for x in orig], inst.attrs, inst.outputs)
+        else:
+            new = inst
+        if inst in trace.decisions:
+            decisions[new] = trace.decisions[inst]
+        insts.append(new)
+    return Trace(insts, decisions)
+
+
+def _is_rv(x) -> bool:
+    return not isinstance(x, (int, float, str, type(None)))
+
+
+def signature(task) -> tuple:
+    """What a task is, whatever N: its block names and its buffers' ranks. Task *names* do not carry
+    across token counts: at N=16 an N x 16 x N and an N x N x 16 matmul have the same shape and share one
+    function, at N=13 they are two, and the names shift."""
+    func = task.dispatched[0]["main"]
+    blocks = tuple(re.findall(r'T\.sblock\("([^"]+)"', func.script()))
+    return blocks, tuple(len(b.shape) for b in _arg_infos(task.dispatched[0]))
+
+
+def _arg_infos(mod):
+    from tvm.s_tir import meta_schedule as ms
+
+    return ms.arg_info.ArgInfo.from_prim_func(mod["main"])
+
+
+def candidates(src_traces: dict, dst_mod) -> dict:
+    """Schedules of `dst_mod` (a task at another N) replayed from the tuned traces of the same task at an
+    anchor (several when the signature is ambiguous), one per re-fit policy that applies, plus TVM's own
+    fallback ("resampled"). Identical schedules are kept once."""
+    from tvm.s_tir import Schedule
+
+    out, seen = {}, set()
+
+    def add(label, trace, provider=None):
+        sch = Schedule(dst_mod)
+        try:
+            trace.apply_to_schedule(sch, remove_postproc=False, decision_provider=provider)
+        except Exception:  # a structural step (rfactor, compute_at) that does not fit the new extent
+            return
+        text = str(sch.mod)
+        if text not in seen:
+            seen.add(text)
+            out[label] = sch
+
+    for src, trace in src_traces.items():
+        prefix = f"{src}:" if len(src_traces) > 1 else ""
+        extents = _tile_extents(trace, dst_mod)
+        for label, refit in REFITS.items():
+            refitted = _with_tiles(trace, extents, refit)
+            if refitted is not None:
+                add(prefix + label, refitted)
+        it = iter(extents)
+        add(prefix + "resampled", trace,
+            lambda inst, inputs, attrs, d: refit_tile(next(it, 1), [int(v) for v in d])
+            if inst.kind.name == "SamplePerfectTile" else d)
+    return out
+
+
+def commit(db, dst_task, sch, run_secs: list[float], target) -> None:
+    """Store a schedule of `dst_task` in the database as its tuning record."""
+    from tvm.s_tir import meta_schedule as ms
+
+    dst_mod = dst_task.dispatched[0]
     db.commit_tuning_record(ms.database.TuningRecord(
-        sch.trace, workload, rec.run_secs, target, ms.arg_info.ArgInfo.from_prim_func(dst_mod["main"])))
-    return True
+        sch.trace, db.commit_workload(dst_mod), [float(s) for s in run_secs], target,
+        _arg_infos(dst_mod)))

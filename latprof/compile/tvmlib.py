@@ -83,7 +83,7 @@ def database(work_dir: str | Path):
 
 
 def tune_tasks(tasks, target, work_dir: str | Path, trials_per_task: int, runner=None, seed: int = 0,
-               on_trials=None):
+               on_trials=None, cross_compiler: str | None = None):
     """Tune extracted tasks together into the persistent database at work_dir: one builder/runner pool
     and one cost model for all of them (per-task calls spent minutes each on pool start-up here).
     `on_trials(task_name, n)` is called as candidates are measured (progress)."""
@@ -116,27 +116,150 @@ def tune_tasks(tasks, target, work_dir: str | Path, trials_per_task: int, runner
         tasks=contexts, task_weights=weights, work_dir=str(Path(work_dir) / "logs"),
         max_trials_global=trials_per_task * len(contexts), max_trials_per_task=trials_per_task,
         num_trials_per_iter=min(64, max(trials_per_task, 1)), database=db,
-        runner=runner or "local", builder="local", measure_callbacks=callbacks)
+        runner=runner or "local", builder=candidate_builder(cross_compiler), measure_callbacks=callbacks)
     return db
+
+
+def _evaluator():
+    from tvm.s_tir import meta_schedule as ms
+
+    return ms.runner.EvaluatorConfig(number=1, repeat=5, min_repeat_ms=20, enable_cpu_cache_flush=False)
+
+
+def export_for_device(cross_compiler: str | None, mod) -> str:
+    """MetaSchedule builder export: a shared library the device can load as it is (cross-linked for an
+    ARM device; MetaSchedule's default exports a tar of objects, which only a device with a compiler links)."""
+    import tempfile
+
+    path = Path(tempfile.mkdtemp()) / "candidate.so"
+    kwargs = {}
+    if cross_compiler:
+        from tvm.support import cc  # type: ignore[attr-defined]
+
+        kwargs["fcompile"] = cc.cross_compiler(cross_compiler)
+    mod.export_library(str(path), **kwargs)
+    return str(path)
+
+
+def candidate_builder(cross_compiler: str | None = None):
+    """MetaSchedule's local builder pool, linking candidates into shared libraries for the device."""
+    import functools
+
+    from tvm.s_tir import meta_schedule as ms
+
+    return ms.builder.LocalBuilder(timeout_sec=60, f_export=functools.partial(export_for_device, cross_compiler))
+
+
+def session_runner(rpc):
+    """A MetaSchedule runner that times candidates on the device behind a latprof session (its TVM RPC
+    session): tuning and transfer then measure on the device the table is for, whatever its transport.
+    A farm session holding several devices (`.sessions`) runs candidates on all of them at once, one
+    candidate per device at a time. A failing candidate is reported, not raised."""
+    import queue
+    from concurrent.futures import ThreadPoolExecutor
+
+    import numpy as np
+    from tvm.ir.utils import derived_object
+    from tvm.s_tir import meta_schedule as ms
+
+    config = _evaluator()
+    free: queue.Queue = queue.Queue()
+    for sess in getattr(rpc, "sessions", None) or [rpc]:
+        free.put(sess)
+    pool = ThreadPoolExecutor(max_workers=free.qsize())
+
+    def run_one(inp):
+        path = Path(inp.artifact_path)  # every artifact has the same file name, in its own temp dir
+        name = f"{path.parent.name}-{path.name}"  # a reused name would load the first module again
+        sess = free.get()
+        try:
+            sess.upload(str(path), name)
+            mod = sess.load_module(name)
+            dev = sess.device(inp.device_type, 0)
+            rng = np.random.default_rng(0)
+            args = [tvm().runtime.tensor(rng.standard_normal([int(s) for s in a.shape]).astype(str(a.dtype)), dev)
+                    for a in inp.args_info]
+            timer = mod.time_evaluator(mod.entry_name, dev, number=config.number, repeat=config.repeat,
+                                       min_repeat_ms=config.min_repeat_ms)
+            secs = [float(t) for t in timer(*args).results]
+            sess.remove(name)
+            return ms.runner.RunnerResult(secs, None)
+        except Exception as exc:
+            return ms.runner.RunnerResult(None, str(exc).splitlines()[-1][:300] if str(exc) else repr(exc))
+        finally:
+            free.put(sess)
+
+    @derived_object
+    class SessionRunner(ms.runner.PyRunner):
+        def run(self, runner_inputs):
+            results = list(pool.map(run_one, runner_inputs))
+            return [ms.runner.RunnerFuture(lambda: True, lambda r=r: r) for r in results]
+
+    return SessionRunner()
+
+
+def benchmark(schedules: list, target, on_done=None, chunk: int = 64, runner=None,
+              cross_compiler: str | None = None) -> list[float | None]:
+    """Median run time in seconds of each schedule's function (None where it failed to build or run),
+    built and run the way MetaSchedule measures its candidates: one builder pool, and the given runner
+    (default: MetaSchedule's local one, this machine). `on_done(n)` is called as candidates finish."""
+    import statistics
+
+    from tvm.s_tir import meta_schedule as ms
+
+    target = make_target(target) if isinstance(target, dict) else target
+    builder = candidate_builder(cross_compiler)
+    runner = runner or ms.runner.LocalRunner(evaluator_config=_evaluator())
+    device = "cpu" if target.kind.name == "llvm" else str(target.kind.name)
+    out: list[float | None] = []
+    for i in range(0, len(schedules), chunk):
+        part = schedules[i:i + chunk]
+        built = builder.build([ms.builder.BuilderInput(s.mod, target) for s in part])
+        ok = [(j, b) for j, b in enumerate(built) if b.error_msg is None]
+        futures = runner.run([ms.runner.RunnerInput(b.artifact_path, device,
+                                                    ms.arg_info.ArgInfo.from_prim_func(part[j].mod["main"]))
+                              for j, b in ok])
+        times: list[float | None] = [None] * len(part)
+        for (j, _), fut in zip(ok, futures):
+            res = fut.result()
+            if res.error_msg is None and res.run_secs:
+                times[j] = statistics.median(float(getattr(t, "value", t)) for t in res.run_secs)
+        out += times
+        if on_done is not None:
+            on_done(len(part))
+    return out
 
 
 # Part of every compiled library's cache key: bump it when the way a module is built changes.
 BUILD_VERSION = "2"
 
 
-def build(mod, target, db=None):
-    """Compile a prepared module; with a database, its tuned schedules are applied first.
+def apply_database(mod, target, db):
+    """The prepared (already fused) module with the database's schedules applied to its functions.
 
-    The database is applied to the prepared (already fused) module, then `relax.build` runs. Not
-    `meta_schedule.relax_integration.compile_relax`: on this TVM it re-runs the fusion passes and the
+    Not `meta_schedule.relax_integration.compile_relax`: on this TVM it re-runs the fusion passes and the
     tuned schedules were lost (a DeiT-T block at N=192: 73 ms built that way, 3.1 ms this way)."""
+    from tvm import relax
+
+    with make_target(target) if isinstance(target, dict) else target, db, \
+            tvm().transform.PassContext(opt_level=3):
+        return relax.transform.MetaScheduleApplyDatabase()(mod)
+
+
+def scheduled_functions(mod) -> set[str]:
+    """Names of the module's functions that carry a schedule (from a database or elsewhere)."""
+    return {gv.name_hint for gv, f in mod.functions.items()
+            if getattr(f, "attrs", None) is not None and "tirx.is_scheduled" in f.attrs
+            and int(f.attrs["tirx.is_scheduled"]) == 1}
+
+
+def build(mod, target, db=None):
+    """Compile a prepared module; with a database, its tuned schedules are applied first."""
     from tvm import relax
 
     try:
         if db is not None:
-            with make_target(target) if isinstance(target, dict) else target, db, \
-                    tvm().transform.PassContext(opt_level=3):
-                mod = relax.transform.MetaScheduleApplyDatabase()(mod)
+            mod = apply_database(mod, target, db)
         return relax.build(mod, target)
     except Exception as exc:
         raise CompileError(f"TVM failed to compile: {str(exc).splitlines()[-1][:300]}",

@@ -38,6 +38,11 @@ def get_engine(name: str, cfg: DeviceConfig, workdir: Path, trials: int | None =
     return _ENGINES[name](cfg, workdir, trials)
 
 
+def needs_session(name: str) -> bool:
+    """Whether an engine runs through the device session (TVM) or in this process (onnxruntime)."""
+    return bool(getattr(_ENGINES.get(name), "needs_session", False))
+
+
 def reference_output(graph: Graph, x: np.ndarray) -> np.ndarray:
     ort = require("onnxruntime", "models")
     sess = ort.InferenceSession(str(graph.path), providers=["CPUExecutionProvider"])
@@ -62,7 +67,7 @@ class OnnxRuntimeEngine:
     def target_label(self) -> str:
         return f"onnxruntime-{self.ort.__version__}-cpu"
 
-    def prepare(self, graphs: list[Graph], progress, anchors: list[Graph] = ()) -> dict[str, str]:
+    def prepare(self, graphs: list[Graph], progress, anchors: list[Graph] = (), session=None) -> dict[str, str]:
         return {g.digest: "" for g in graphs}  # onnxruntime runs the ONNX files as they are
 
     def measure(self, session, graph: Graph, artifact: str) -> tuple[list[float], float]:
@@ -122,14 +127,16 @@ class TVMEngine:
     def _prepared(self, graph: Graph):
         return self.tvmlib.prepare(self.tvmlib.import_onnx(graph.path), self.target)
 
-    def prepare(self, graphs: list[Graph], progress, anchors: list[Graph] = ()) -> dict[str, str]:
+    def prepare(self, graphs: list[Graph], progress, anchors: list[Graph] = (), session=None) -> dict[str, str]:
         """Tune what is missing (within the budget), then compile every graph; returns lib paths.
 
-        `anchors` are graphs at the anchor token counts: tuned, never measured (see compile/tuning.py)."""
+        `anchors` are graphs at the anchor token counts: tuned, never measured (see compile/tuning.py).
+        `session` is the open device: tuning candidates run on it (this machine's `local` device is
+        timed by MetaSchedule's own local runner, isolated worker processes on the same CPU)."""
         prepared = {g.digest: self._prepared(g) for g in [*graphs, *anchors]}
         db = tuning.TuningDB(self.tuning_dir) if self.trials > 0 else None
         if db is not None:
-            self._tune(graphs, list(anchors), prepared, db, progress)
+            self._tune(graphs, list(anchors), prepared, db, progress, self._runner(session))
         libs = {}
         bar = progress(total=len(graphs), desc="compile", unit="graph")
         for g in graphs:
@@ -141,7 +148,15 @@ class TVMEngine:
     def _tasks(self, mod) -> list:
         return [t for t in self.tvmlib.extract_tasks(mod, self.target) if tuning.is_heavy(t.task_name)]
 
-    def _tune(self, graphs, anchors, prepared, db, progress) -> None:
+    def _runner(self, session):
+        if self.cfg.transport == "local":
+            return None
+        if session is None:  # a remote target cannot be timed here: its candidates run on the device
+            raise DeviceError(f"tuning for '{self.cfg.name}' needs the device connected",
+                              "run `latprof tune`/`measure` with the device reachable, or set tuning.trials_per_task: 0")
+        return self.tvmlib.session_runner(session.rpc)
+
+    def _tune(self, graphs, anchors, prepared, db, progress, runner=None) -> None:
         anchored = {a.shared for a in anchors}
         # tuned for real: the anchors, and graphs of units that have no anchor (fixed-cost units)
         direct = anchors + [g for g in graphs if g.shared not in anchored]
@@ -157,30 +172,63 @@ class TVMEngine:
             total = len(todo) * self.trials
             bar = progress(total=total, desc=f"tune {len(todo)} tasks x {self.trials} trials", unit="trial")
             try:
-                self.tvmlib.tune_tasks([t for _, t in todo], self.target, self.tuning_dir, self.trials,
-                                       on_trials=lambda name, n: bar.update(n))
+                self.tvmlib.tune_tasks([t for _, t in todo], self.target, self.tuning_dir, self.trials, runner=runner,
+                                       on_trials=lambda name, n: bar.update(n), cross_compiler=self.cfg.cross_compiler)
             except Exception as exc:
                 raise CompileError(f"MetaSchedule failed: {str(exc).splitlines()[-1][:200]}",
                                    "check apache-tvm-ffi<0.1.15 and that psutil, cloudpickle, tornado, xgboost are installed") from None
             bar.close()
-            for key, task in todo:
+            db.db = self.tvmlib.database(self.tuning_dir)  # re-read what the tuner wrote
+            found = [(key, t) for key, t in todo if db.db.query_tuning_record(t.dispatched[0], self.target, "main")]
+            for key, task in found:  # a task none of whose candidates ran is tried again next time
                 db.record(key, trials=self.trials, name=task.task_name, tuned=True)
             db.save()
-            db.db = self.tvmlib.database(self.tuning_dir)  # re-read what the tuner wrote
-        # every other graph replays the nearest anchor's schedule of the same task
+            if not found and runner is not None:
+                raise DeviceError(f"no tuning candidate ran on '{self.cfg.name}' ({len(todo)} tasks)",
+                                  "check the device (it may have dropped) and run the same command again")
+        # every other graph replays the nearest anchor's schedule of the same task, re-fitted to its N
+        # in every way that applies (compile/tuning.py); the fastest candidate is kept
+        pending: dict[str, tuple] = {}
         for g in graphs:
             if g.shared not in anchored:
                 continue
             src = min((a for a in anchors if a.shared == g.shared), key=lambda a: abs(a.tokens - g.tokens))
             if src.digest == g.digest:
                 continue
-            sources = {t.task_name: t for t in tasks[src.digest]}
+            sources: dict[tuple, dict] = {}
+            for t in tasks[src.digest]:
+                rec = db.db.query_tuning_record(t.dispatched[0], self.target, "main")
+                if rec is not None:
+                    sources.setdefault(tuning.signature(t), {})[t.task_name] = rec
             for t in tasks[g.digest]:
                 key = tuning.task_key(t)
-                if db.trials(key) >= self.trials or t.task_name not in sources:
+                recs = sources.get(tuning.signature(t))
+                if key in pending or db.trials(key) >= self.trials or not recs:
                     continue
-                if tuning.transfer(db.db, sources[t.task_name], t, self.target):
-                    db.record(key, trials=self.trials, name=t.task_name, transferred_from=src.tokens)
+                rec = min(recs.values(), key=lambda r: sum(map(float, r.run_secs)))
+                cands = tuning.candidates({name: r.trace for name, r in recs.items()}, t.dispatched[0])
+                if len(cands) == 1:  # nothing to choose between: no need to measure
+                    ((label, sch),) = cands.items()
+                    tuning.commit(db.db, t, sch, [float(x) for x in rec.run_secs], self.target)
+                    db.record(key, trials=self.trials, name=t.task_name, transferred_from=src.tokens, refit=label)
+                elif cands:
+                    pending[key] = (t, src.tokens, cands)
+        flat = [(key, label, sch) for key, (_, _, cands) in pending.items() for label, sch in cands.items()]
+        if flat:
+            bar = progress(total=len(flat), desc=f"transfer {len(pending)} tasks", unit="candidate")
+            times = self.tvmlib.benchmark([sch for _, _, sch in flat], self.target, on_done=bar.update, runner=runner,
+                                          cross_compiler=self.cfg.cross_compiler)
+            bar.close()
+            timed: dict[str, dict] = {}
+            for (key, label, sch), secs in zip(flat, times):
+                if secs is not None:
+                    timed.setdefault(key, {})[label] = (secs, sch)
+            for key, found in timed.items():
+                task, src_tokens, _ = pending[key]
+                label = min(found, key=lambda k: found[k][0])
+                tuning.commit(db.db, task, found[label][1], [found[label][0]], self.target)
+                db.record(key, trials=self.trials, name=task.task_name, transferred_from=src_tokens, refit=label,
+                          candidates_ms={k: round(v[0] * 1e3, 4) for k, v in found.items()})
         db.save()
 
     def _compile(self, graph: Graph, mod, db) -> Path:

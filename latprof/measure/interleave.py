@@ -14,6 +14,7 @@ from pathlib import Path
 from latprof.devices import open_session
 from latprof.devices.config import DeviceConfig
 from latprof.errors import UsageError
+from latprof.measure.engines import needs_session
 from latprof.measure.runner import compile_graphs, default_workdir, export_graphs, like_baseline, make_engine
 from latprof.measure.samples import SampleStore, point_key
 from latprof.models import get_model
@@ -39,20 +40,21 @@ def remeasure_interleaved(baseline, device: str | DeviceConfig, models: list[str
     stores = {k: SampleStore(builds["candidate"] / "samples" / f"interleave-{k}-{cfg.name}-{stamp}.jsonl") for k in builds}
     bars = bar_factory(progress)
     plan = []  # (build, engine, graph, artifact, wanted rows)
-    for model in models:
-        spec = get_model(model)
-        frame = baseline.model_frame(model)
-        if units:
-            frame = frame[frame["unit"].isin(units)]
-        tokens = sorted({int(n) for n in frame["tokens"]})
-        shared = {spec.unit(u).shared for u in frame["unit"]}
-        for build, wd in builds.items():
-            eng = make_engine(engine, cfg, spec, wd, trials)
-            graphs = [g for g in export_graphs(spec, tokens, wd, bars, shared) if g.tokens in tokens]
-            arts = compile_graphs(eng, spec, graphs, wd, bars)
-            plan += [(build, eng, g, arts[g.digest]) for g in graphs]
     samples: dict = {}
-    with open_session(cfg) if any(e.needs_session for _, e, _, _ in plan) else _nullsession() as session:
+    # the device is opened first: a remote device's tuning candidates run on it
+    with open_session(cfg) if needs_session(engine) else _nullsession() as session:
+        for model in models:
+            spec = get_model(model)
+            frame = baseline.model_frame(model)
+            if units:
+                frame = frame[frame["unit"].isin(units)]
+            tokens = sorted({int(n) for n in frame["tokens"]})
+            shared = {spec.unit(u).shared for u in frame["unit"]}
+            for build, wd in builds.items():
+                eng = make_engine(engine, cfg, spec, wd, trials)
+                graphs = [g for g in export_graphs(spec, tokens, wd, bars, shared) if g.tokens in tokens]
+                arts = compile_graphs(eng, spec, graphs, wd, bars, session)
+                plan += [(build, eng, g, arts[g.digest]) for g in graphs]
         bar = bars(total=rounds * len(plan), desc="interleaved", unit="run")
         for r in range(rounds):
             order = plan if r % 2 == 0 else plan[::-1]

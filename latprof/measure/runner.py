@@ -138,8 +138,6 @@ def measure(device: str | DeviceConfig, model: str, tokens: str | list[int] | No
         echo(f"resuming: {skipped} of {len(graphs)} points already measured in {store.path}")
     if not todo:
         return MeasureResult(cfg.name, spec.name, eng.name, 0, skipped, store.path, None)
-    artifacts = compile_graphs(eng, spec, todo, workdir, bars)
-    random.Random(seed).shuffle(todo)
     reference = max(graphs, key=lambda g: (g.shared != "patch_embed", g.tokens))
     versions = {"latprof": latprof.__version__, "tvm": _tvm_version(), "packages": _versions()}
     every = cfg.measure["reference_every"]
@@ -157,8 +155,11 @@ def measure(device: str | DeviceConfig, model: str, tokens: str | list[int] | No
     session_cm = open_session(cfg) if eng.needs_session else None
     session = session_cm.__enter__() if session_cm else None
     try:
+        # compiled with the device open: a remote device's tuning candidates run on it
+        artifacts = compile_graphs(eng, spec, todo, workdir, bars, session)
+        random.Random(seed).shuffle(todo)
         info = session.info() if session else _local_info()
-        ref_artifacts = artifacts if reference.digest in artifacts else {**artifacts, **compile_graphs(eng, spec, [reference], workdir, bars)}
+        ref_artifacts = artifacts if reference.digest in artifacts else {**artifacts, **compile_graphs(eng, spec, [reference], workdir, bars, session)}
         bar = bars(total=len(todo), desc=f"measure {spec.name} on {cfg.name} ({eng.name})", unit="point")
         for i, g in enumerate(todo):
             if every and i % every == 0:
@@ -185,7 +186,7 @@ def measure(device: str | DeviceConfig, model: str, tokens: str | list[int] | No
     return MeasureResult(cfg.name, spec.name, eng.name, measured, skipped, store.path, drift)
 
 
-def compile_graphs(eng, spec: ModelSpec, graphs: list[Graph], workdir: Path, bars) -> dict[str, str]:
+def compile_graphs(eng, spec: ModelSpec, graphs: list[Graph], workdir: Path, bars, session=None) -> dict[str, str]:
     """Tune (what is missing) and compile graphs with an engine; returns {graph digest: artifact}.
 
     For TVM the token-dependent units are tuned at the anchor counts (exported here, never measured)
@@ -194,7 +195,7 @@ def compile_graphs(eng, spec: ModelSpec, graphs: list[Graph], workdir: Path, bar
     if eng.name == "tvm" and eng.trials > 0:
         anchors = [g for g in export_graphs(spec, eng.anchors, workdir, bars)
                    if spec.unit_by_shared(g.shared).kind == "tokens"]
-    return eng.prepare(graphs, bars, anchors=anchors)
+    return eng.prepare(graphs, bars, anchors=anchors, session=session)
 
 
 def make_engine(name: str, cfg: DeviceConfig, spec: ModelSpec, workdir: Path, trials: int | None = None):

@@ -76,3 +76,29 @@ def test_emulated_arm64_device_behind_the_test_adbd(arm64_rootfs, fresh_workdir,
         assert all(p.read_bytes()[18] == 183 for p in (fresh_workdir / "libs").glob("*.so"))  # EM_AARCH64
     finally:
         env.close()
+
+
+@pytest.mark.slow
+def test_tuning_runs_its_candidates_on_the_emulated_arm64_device(sshd, arm64_rootfs, tmp_path):
+    """MetaSchedule on a cross-compiled target: candidates linked with the aarch64 compiler and timed on
+    the device through its session (a local runner cannot run aarch64 code); transfer candidates too."""
+    from latprof.devices import open_session
+    from latprof.measure.engines import TVMEngine
+    from tests.test_tuning import _Bars, _tiny_graphs
+
+    cfg = load_config(str(qemu_config(tmp_path, sshd, arm64_rootfs)))
+    graphs = _tiny_graphs(tmp_path, [16, 13])
+    eng = TVMEngine(cfg, tmp_path / "work", trials=2)
+    eng.anchors = [16]
+    bars = _Bars()
+    with open_session(cfg) as session:
+        libs = eng.prepare([graphs[13]], bars, anchors=[graphs[16]], session=session)
+        budget = json.loads((eng.tuning_dir / "budget.json").read_text())
+        assert sum(1 for v in budget.values() if v.get("tuned")) == 4  # every heavy task got a working record
+        moved = [v for v in budget.values() if "candidates_ms" in v]
+        assert moved and all(min(v["candidates_ms"].values()) > 0 for v in moved)
+        lib = libs[graphs[13].digest]
+        data = open(lib, "rb").read(20)
+        assert data[:4] == b"\x7fELF" and data[18] == 183  # EM_AARCH64
+        samples, err = eng.measure(session, graphs[13], lib)  # raises if the output differs from onnxruntime
+    assert samples and err < 1e-4

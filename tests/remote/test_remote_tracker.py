@@ -85,3 +85,48 @@ def test_unknown_key_and_missing_tracker(farm, tmp_path):
     path = tracker_config(tmp_path / "gone.yaml", free_port(), "gone")
     with pytest.raises(DeviceError, match="cannot reach the TVM RPC tracker"):
         open_session(load_config(str(path))).__enter__()
+
+
+class _Timed:
+    """A real RPC session that notes when each candidate's timing ran on it."""
+
+    def __init__(self, sess, spans):
+        self._sess, self._spans = sess, spans
+
+    def load_module(self, name):
+        mod, spans = self._sess.load_module(name), self._spans
+
+        class Mod:
+            entry_name = mod.entry_name
+
+            def time_evaluator(self, *args, **kw):
+                timer = mod.time_evaluator(*args, **kw)
+
+                def run(*a):
+                    t0 = time.monotonic()
+                    out = timer(*a)
+                    spans.append((id(self), t0, time.monotonic()))
+                    return out
+                return run
+        return Mod()
+
+    def __getattr__(self, name):
+        return getattr(self._sess, name)
+
+
+def test_tuning_candidates_run_on_every_farm_device_at_once(farm, tmp_path):
+    """Tuning through a farm session: candidates go to both servers under the key, concurrently."""
+    from latprof.compile import tvmlib
+    from tests.test_tuning import _matmul_schedules
+
+    port, _ = farm
+    cfg = load_config(str(tracker_config(tmp_path / "farm2.yaml", port, "farm2", sessions=2)))
+    target = tvmlib.make_target(tvmlib.target_dict(cfg.target, 1))
+    with open_session(cfg) as s:
+        spans = {0: [], 1: []}
+        farm_rpc = type("Farm", (), {"sessions": [_Timed(x, spans[i]) for i, x in enumerate(s.sessions)]})()
+        times = tvmlib.benchmark(list(_matmul_schedules()) * 4, target, runner=tvmlib.session_runner(farm_rpc))
+    assert all(t is not None and t > 0 for t in times)
+    assert spans[0] and spans[1] and len(spans[0]) + len(spans[1]) == 8  # both devices ran candidates
+    # and at the same time: some candidate on one device overlapped one on the other
+    assert any(a0 < b1 and b0 < a1 for _, a0, a1 in spans[0] for _, b0, b1 in spans[1])

@@ -1,0 +1,204 @@
+"""Tuning with the real MetaSchedule on a tiny attention-like graph: tile re-fitting, schedule transfer
+to another token count, the progress of tuning, and that a tuned build really carries the schedules."""
+
+import json
+
+import numpy as np
+import pytest
+
+from latprof.compile import tuning
+
+pytest.importorskip("tvm")
+
+
+@pytest.mark.parametrize("extent,old", [(197, [8, 3, 4, 2]), (129, [8, 3, 4, 2]), (13, [1, 16]), (1, [4, 4]),
+                                        (65, [3, 64]), (192, [2, 96])])
+def test_refit_policies(extent, old):
+    pred, perfect = tuning.refit_tile(extent, old), tuning.divisor_tile(extent, old)
+    for tile in (pred, perfect):
+        assert len(tile) == len(old)
+        assert all(new <= max(o, 1) for new, o in zip(tile[1:], old[1:]))  # inner factors only shrink
+    inner = int(np.prod(pred[1:]))
+    assert extent <= int(np.prod(pred)) < extent + inner  # covers the extent; the tail is under one tile
+    assert int(np.prod(perfect)) == extent  # no predicate
+
+
+def test_refit_examples():
+    assert tuning.refit_tile(197, [8, 3, 4, 2]) == [9, 3, 4, 2]
+    assert tuning.divisor_tile(197, [8, 3, 4, 2]) == [197, 1, 1, 1]  # prime: nothing divides
+    assert tuning.divisor_tile(129, [8, 3, 4, 2]) == [43, 1, 3, 1]
+    assert tuning.refit_tile(192, [8, 3, 4, 2]) == [8, 3, 4, 2]  # the anchor itself is unchanged
+
+
+class _Bars:
+    """A progress factory that records what every bar was told."""
+
+    def __init__(self):
+        self.bars = []
+
+    def __call__(self, total, desc, unit):
+        bar = _Bar(total, desc)
+        self.bars.append(bar)
+        return bar
+
+    def by_prefix(self, prefix):
+        return [b for b in self.bars if b.desc.startswith(prefix)]
+
+
+class _Bar:
+    def __init__(self, total, desc):
+        self.total, self.desc, self.n, self.closed = total, desc, 0, False
+
+    def update(self, n=1):
+        self.n += n
+
+    def close(self):
+        self.closed = True
+
+
+def _tiny_graphs(tmp_path, tokens):
+    import torch
+
+    from latprof.export import export_unit
+
+    class Attn(torch.nn.Module):  # a projection, an N x N score matmul, softmax and attention-times-V
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.fc = torch.nn.Linear(16, 16)
+
+        def forward(self, x):
+            h = self.fc(x)
+            return torch.softmax(h @ h.transpose(1, 2) * 0.25, -1) @ h
+
+    m = Attn().eval()
+    return {n: export_unit(m, (1, n, 16), tmp_path / "graphs", "tiny", "attn", n) for n in tokens}
+
+
+@pytest.fixture(scope="module")
+def tuned(tmp_path_factory):
+    """One real tuning run shared by the slow tests: anchor N=16 tuned (2 trials per task), 13 and 7
+    transferred from it. MetaSchedule's fixed cost per task dominates, so it runs once."""
+    import torch
+
+    from latprof.devices.config import load_config
+    from latprof.measure.engines import TVMEngine
+    from tests.conftest import write_config
+
+    tmp_path = tmp_path_factory.mktemp("tuned")
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    graphs = _tiny_graphs(tmp_path, [16, 13, 7])
+    cfg = load_config(str(write_config(tmp_path / "dev.yaml", tuning={"trials_per_task": 2})))
+    eng = TVMEngine(cfg, tmp_path / "work", trials=2)
+    eng.anchors = [16]
+    bars = _Bars()
+    libs = eng.prepare([graphs[13], graphs[7]], bars, anchors=[graphs[16]])
+    yield eng, graphs, bars, libs
+    torch.set_num_threads(old)
+
+
+@pytest.mark.slow
+def test_tune_transfer_and_build(tuned):
+    import onnxruntime as ort
+    import tvm
+    from tvm import relax
+
+    from latprof.compile import tvmlib
+
+    eng, graphs, bars, libs = tuned
+    # tuning progress advanced to its total (it once stayed at 0 for a whole run)
+    (tune_bar,) = bars.by_prefix("tune")
+    assert tune_bar.total > 0 and tune_bar.n == tune_bar.total and tune_bar.closed
+    # the other counts got the anchor's schedules, re-fitted: candidates measured, the fastest kept
+    budget = json.loads((eng.tuning_dir / "budget.json").read_text())
+    moved = [v for v in budget.values() if v.get("transferred_from") == 16]
+    measured = [v for v in moved if "candidates_ms" in v]
+    assert len(moved) == 8 and measured  # 4 heavy tasks at each of 13 and 7
+    assert all(v["refit"] in v["candidates_ms"] for v in measured)
+    assert all(v["candidates_ms"][v["refit"]] == min(v["candidates_ms"].values()) for v in measured)
+    assert any(len(v["candidates_ms"]) >= 2 for v in measured)
+    (xfer_bar,) = bars.by_prefix("transfer")
+    assert xfer_bar.n == xfer_bar.total >= sum(len(v["candidates_ms"]) for v in measured) and xfer_bar.closed
+
+    db = tuning.TuningDB(eng.tuning_dir)
+    for n in (13, 7):
+        mod = eng._prepared(graphs[n])
+        heavy = {t.task_name for t in eng._tasks(mod)}
+        applied = tvmlib.apply_database(mod, eng.target, db.db)
+        # every tuned task of the build carries a schedule: a build that drops them is caught here
+        assert heavy and heavy <= tvmlib.scheduled_functions(applied), heavy - tvmlib.scheduled_functions(applied)
+        # and the compiled module computes what onnxruntime computes
+        x = graphs[n].example_input()
+        vm = relax.VirtualMachine(tvm.runtime.load_module(libs[graphs[n].digest]), tvm.cpu())
+        got = vm["main"](tvm.runtime.tensor(x)).numpy()
+        want = ort.InferenceSession(str(graphs[n].path), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+        assert np.abs(got - want).max() < 1e-4
+
+    # a rerun tunes and transfers nothing
+    again = _Bars()
+    eng.prepare([graphs[13], graphs[7]], again, anchors=[graphs[16]])
+    assert not again.by_prefix("tune") and not again.by_prefix("transfer")
+
+
+@pytest.mark.slow
+def test_transfer_candidates_are_correct(tuned):
+    """Every re-fit candidate (predicated tails included) computes the same thing as the untuned task."""
+    import tvm
+    from tvm.s_tir import meta_schedule as ms
+
+    eng, graphs, _, _ = tuned
+    db = tuning.TuningDB(eng.tuning_dir).db
+    tasks = {n: {t.task_name: t for t in eng._tasks(eng._prepared(graphs[n]))} for n in (16, 13)}
+    sources = {}
+    for name, task in tasks[16].items():
+        rec = db.query_tuning_record(task.dispatched[0], eng.target, "main")
+        assert rec is not None, name
+        sources.setdefault(tuning.signature(task), {})[name] = rec.trace
+    rng = np.random.default_rng(0)
+    labels = set()
+    for name, task in tasks[13].items():
+        cands = tuning.candidates(sources[tuning.signature(task)], task.dispatched[0])
+        assert cands, name
+        infos = ms.arg_info.ArgInfo.from_prim_func(task.dispatched[0]["main"])
+        args = [rng.standard_normal([int(s) for s in a.shape]).astype(str(a.dtype)) for a in infos]
+        want = [tvm.runtime.tensor(a) for a in args]
+        tvm.compile(task.dispatched[0], target=eng.target)["main"](*want)
+        for label, sch in cands.items():
+            got = [tvm.runtime.tensor(a) for a in args]
+            tvm.compile(sch.mod, target=eng.target)["main"](*got)
+            assert np.allclose(got[-1].numpy(), want[-1].numpy(), atol=1e-4), (name, label)
+            labels.add(label.split(":")[-1])
+    assert {"predicated", "divisors"} <= labels
+
+
+def _matmul_schedules():
+    """A naive 64x64 matmul and the same with its inner loop vectorized (tens of times faster)."""
+    import tvm
+    from tvm import te
+    from tvm.s_tir import Schedule
+
+    a, b = te.placeholder((64, 64), name="a"), te.placeholder((64, 64), name="b")
+    k = te.reduce_axis((0, 64), name="k")
+    c = te.compute((64, 64), lambda i, j: te.sum(a[i, k] * b[k, j], axis=k), name="c")
+    mod = tvm.IRModule({"main": te.create_prim_func([a, b, c])})
+    naive, fast = Schedule(mod), Schedule(mod)
+    i, j, kk = fast.get_loops(fast.get_sblock("c"))
+    fast.reorder(i, kk, j)
+    fast.vectorize(fast.split(j, [None, 8])[1])
+    return naive, fast
+
+
+def test_session_runner_times_candidates_on_the_device():
+    """Tuning candidates timed through a device session (the path remote devices take), here the local
+    device's real RPC server: each candidate is its own module (they once all ran the first one)."""
+    from latprof.compile import tvmlib
+    from latprof.devices import load_config, open_session
+
+    cfg = load_config("local")
+    target = tvmlib.make_target(tvmlib.target_dict(cfg.target, 1))
+    naive, fast = _matmul_schedules()
+    with open_session(cfg) as session:
+        t_naive, t_fast = tvmlib.benchmark([naive, fast], target, runner=tvmlib.session_runner(session.rpc))
+    assert t_naive > 0 and t_fast > 0
+    assert t_fast < t_naive / 4, (t_naive, t_fast)
