@@ -172,16 +172,21 @@ def test_transfer_candidates_are_correct(tuned):
     assert {"predicated", "divisors"} <= labels
 
 
-def _matmul_schedules():
-    """A naive 64x64 matmul and the same with its inner loop vectorized (tens of times faster)."""
+def _matmul_mod(off_by_one: bool = False):
     import tvm
     from tvm import te
-    from tvm.s_tir import Schedule
 
     a, b = te.placeholder((64, 64), name="a"), te.placeholder((64, 64), name="b")
     k = te.reduce_axis((0, 64), name="k")
-    c = te.compute((64, 64), lambda i, j: te.sum(a[i, k] * b[k, j], axis=k), name="c")
-    mod = tvm.IRModule({"main": te.create_prim_func([a, b, c])})
+    c = te.compute((64, 64), lambda i, j: te.sum(a[i, k] * b[k, j] + (1.0 if off_by_one else 0.0), axis=k), name="c")
+    return tvm.IRModule({"main": te.create_prim_func([a, b, c])})
+
+
+def _matmul_schedules():
+    """A naive 64x64 matmul and the same with its inner loop vectorized (tens of times faster)."""
+    from tvm.s_tir import Schedule
+
+    mod = _matmul_mod()
     naive, fast = Schedule(mod), Schedule(mod)
     i, j, kk = fast.get_loops(fast.get_sblock("c"))
     fast.reorder(i, kk, j)
@@ -202,3 +207,14 @@ def test_session_runner_times_candidates_on_the_device():
         t_naive, t_fast = tvmlib.benchmark([naive, fast], target, runner=tvmlib.session_runner(session.rpc))
     assert t_naive > 0 and t_fast > 0
     assert t_fast < t_naive / 4, (t_naive, t_fast)
+
+
+def test_verify_rejects_a_schedule_that_computes_something_else():
+    """Transferred schedules are checked on this CPU against the unscheduled task before they are kept."""
+    from tvm.s_tir import Schedule
+
+    naive, fast = _matmul_schedules()
+    task = _matmul_mod()
+    cache = {}
+    assert tuning.verify(task, fast, cache) and tuning.verify(task, naive, cache)
+    assert not tuning.verify(task, Schedule(_matmul_mod(off_by_one=True)), cache)

@@ -198,6 +198,41 @@ def candidates(src_traces: dict, dst_mod) -> dict:
     return out
 
 
+def verify(task_mod, sch, cache: dict | None = None) -> bool:
+    """Whether a replayed schedule computes what the unscheduled task computes, run on this machine's CPU
+    with random inputs (a schedule's loop structure and bounds are target-independent; a re-fit that
+    reads past a buffer gives wrong values or NaN: seen once, a predicated tail in a softmax reduction)."""
+    import numpy as np
+    import tvm
+
+    host = tvm.target.Target({"kind": "llvm"})
+    infos = _arg_infos(task_mod)
+    rng = np.random.default_rng(0)
+    args = [rng.standard_normal([int(d) for d in a.shape]).astype(str(a.dtype)) for a in infos]
+    from tvm_ffi import structural_hash
+
+    key = structural_hash(task_mod)  # by content: Python wrappers of one task come and go
+    if cache is None or key not in cache:
+        want = [tvm.runtime.tensor(a) for a in args]
+        tvm.compile(task_mod, target=host)["main"](*want)
+        want = [w.numpy() for w in want]
+        if cache is not None:
+            cache[key] = want
+    else:
+        want = cache[key]
+    got = [tvm.runtime.tensor(a) for a in args]
+    try:
+        tvm.compile(sch.mod, target=host)["main"](*got)
+    except Exception:
+        return False
+    for g, w in zip(got, want):
+        g = g.numpy()
+        scale = max(1.0, float(np.abs(w).max()) if w.size else 1.0)
+        if not np.all(np.isfinite(g)) or not np.allclose(g, w, rtol=1e-3, atol=1e-3 * scale):
+            return False
+    return True
+
+
 def commit(db, dst_task, sch, run_secs: list[float], target) -> None:
     """Store a schedule of `dst_task` in the database as its tuning record."""
     from tvm.s_tir import meta_schedule as ms

@@ -6,11 +6,12 @@ connection:
   sessions (how many servers under the key to hold at once, 1), request_timeout (s to wait while every
   server under the key is busy, 600)
 
-With `sessions: N` the session holds N devices and spreads compiled modules over them round robin: each
-upload goes to the next device, and that module is loaded, run and timed there. The runner still
-measures one point at a time, so N devices share the work but do not yet run at the same moment (see
-docs/devices.md for the runner change that would make them concurrent). Every device under one key must
-be the same model: their samples go into one table.
+With `sessions: N` the session holds N devices (`.sessions`) and they work at once: the measure runner
+gives each its own thread (measure/runner.py `farm_lanes`), tuning times a candidate on each
+(compile/tvmlib.py `session_runner`). Code that uses `.rpc` as one session (validate, interleaved
+re-measurement) spreads modules round robin: each upload goes to the next device, and that module is
+loaded, run and timed there. Every device under one key must be the same model: their samples go into
+one table.
 """
 
 from __future__ import annotations

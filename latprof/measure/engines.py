@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import time
@@ -69,6 +70,9 @@ class OnnxRuntimeEngine:
 
     def prepare(self, graphs: list[Graph], progress, anchors: list[Graph] = (), session=None) -> dict[str, str]:
         return {g.digest: "" for g in graphs}  # onnxruntime runs the ONNX files as they are
+
+    def fork(self):
+        return self  # nothing tied to a device session
 
     def measure(self, session, graph: Graph, artifact: str) -> tuple[list[float], float]:
         so = self.ort.SessionOptions()
@@ -209,8 +213,11 @@ class TVMEngine:
                 cands = tuning.candidates({name: r.trace for name, r in recs.items()}, t.dispatched[0])
                 if len(cands) == 1:  # nothing to choose between: no need to measure
                     ((label, sch),) = cands.items()
-                    tuning.commit(db.db, t, sch, [float(x) for x in rec.run_secs], self.target)
-                    db.record(key, trials=self.trials, name=t.task_name, transferred_from=src.tokens, refit=label)
+                    ok = tuning.verify(t.dispatched[0], sch)  # else TVM's default schedule stays
+                    if ok:
+                        tuning.commit(db.db, t, sch, [float(x) for x in rec.run_secs], self.target)
+                    db.record(key, trials=self.trials, name=t.task_name, transferred_from=src.tokens,
+                              refit=label if ok else None, rejected=[] if ok else [label])
                 elif cands:
                     pending[key] = (t, src.tokens, cands)
         flat = [(key, label, sch) for key, (_, _, cands) in pending.items() for label, sch in cands.items()]
@@ -220,15 +227,24 @@ class TVMEngine:
                                           cross_compiler=self.cfg.cross_compiler)
             bar.close()
             timed: dict[str, dict] = {}
+            cache: dict = {}
             for (key, label, sch), secs in zip(flat, times):
                 if secs is not None:
                     timed.setdefault(key, {})[label] = (secs, sch)
             for key, found in timed.items():
                 task, src_tokens, _ = pending[key]
-                label = min(found, key=lambda k: found[k][0])
-                tuning.commit(db.db, task, found[label][1], [found[label][0]], self.target)
+                # the fastest candidate that computes the right thing (checked on this CPU)
+                ranked = sorted(found, key=lambda k: found[k][0])
+                rejected = []
+                for label in ranked:
+                    if tuning.verify(task.dispatched[0], found[label][1], cache):
+                        tuning.commit(db.db, task, found[label][1], [found[label][0]], self.target)
+                        break
+                    rejected.append(label)
+                else:
+                    label = None  # none was right: TVM's default schedule stays
                 db.record(key, trials=self.trials, name=task.task_name, transferred_from=src_tokens, refit=label,
-                          candidates_ms={k: round(v[0] * 1e3, 4) for k, v in found.items()})
+                          candidates_ms={k: round(v[0] * 1e3, 4) for k, v in found.items()}, rejected=rejected)
         db.save()
 
     def _compile(self, graph: Graph, mod, db) -> Path:
@@ -249,6 +265,12 @@ class TVMEngine:
         return self.tvmlib.export_library(ex, path, self.cfg.cross_compiler)
 
     # -- measure ----------------------------------------------------------------------------------
+    def fork(self):
+        """This engine for another device of a farm: the loaded VMs belong to one RPC session."""
+        twin = copy.copy(self)
+        twin._vms = {}
+        return twin
+
     def measure(self, session, graph: Graph, artifact: str) -> tuple[list[float], float]:
         """Samples (ms) and the max abs error of the device's output against onnxruntime."""
         m = self.cfg.measure

@@ -7,10 +7,12 @@ to the sample store as soon as it is measured. The same command resumes where a 
 
 from __future__ import annotations
 
+import collections
 import datetime as _dt
 import json
 import os
 import random
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -141,7 +143,7 @@ def measure(device: str | DeviceConfig, model: str, tokens: str | list[int] | No
     reference = max(graphs, key=lambda g: (g.shared != "patch_embed", g.tokens))
     versions = {"latprof": latprof.__version__, "tvm": _tvm_version(), "packages": _versions()}
     every = cfg.measure["reference_every"]
-    ref_medians: list[float] = []
+    ref_medians: dict[int, list[float]] = collections.defaultdict(list)  # per device (farm lane)
 
     def record(g: Graph, samples: list[float], err: float, info: dict, is_ref: bool) -> None:
         store.append({
@@ -152,6 +154,7 @@ def measure(device: str | DeviceConfig, model: str, tokens: str | list[int] | No
         })
 
     measured = 0
+    lock = threading.Lock()
     session_cm = open_session(cfg) if eng.needs_session else None
     session = session_cm.__enter__() if session_cm else None
     try:
@@ -161,17 +164,37 @@ def measure(device: str | DeviceConfig, model: str, tokens: str | list[int] | No
         info = session.info() if session else _local_info()
         ref_artifacts = artifacts if reference.digest in artifacts else {**artifacts, **compile_graphs(eng, spec, [reference], workdir, bars, session)}
         bar = bars(total=len(todo), desc=f"measure {spec.name} on {cfg.name} ({eng.name})", unit="point")
-        for i, g in enumerate(todo):
-            if every and i % every == 0:
-                rs, rerr = eng.measure(session, reference, ref_artifacts[reference.digest])
-                ref_medians.append(_median(rs))
-                record(reference, rs, rerr, info, True)
-            samples, err = eng.measure(session, g, artifacts[g.digest])
-            record(g, samples, err, info, False)
-            measured += 1
-            bar.update(1)
-            if cfg.measure["cooldown_s"]:
-                time.sleep(cfg.measure["cooldown_s"])
+        queue = list(todo)
+
+        def lane(sess, lane_eng, lane_info, medians: list[float]) -> None:
+            """Measure points from the shared queue on one device (each farm device is a lane)."""
+            nonlocal measured
+            i = 0
+            while True:
+                with lock:
+                    if not queue or failed:
+                        return
+                    g = queue.pop(0)
+                if every and i % every == 0:  # each device's own drift reference
+                    rs, rerr = lane_eng.measure(sess, reference, ref_artifacts[reference.digest])
+                    medians.append(_median(rs))
+                    with lock:
+                        record(reference, rs, rerr, lane_info, True)
+                samples, err = lane_eng.measure(sess, g, artifacts[g.digest])
+                with lock:
+                    record(g, samples, err, lane_info, False)
+                    measured += 1
+                    bar.update(1)
+                i += 1
+                if cfg.measure["cooldown_s"]:
+                    time.sleep(cfg.measure["cooldown_s"])
+
+        failed: list[BaseException] = []
+        lanes = farm_lanes(session, info)
+        if len(lanes) == 1:
+            lane(lanes[0][0], eng, lanes[0][1], ref_medians[0])
+        else:  # a farm: every device measures at the same time, one point each
+            run_lanes([(s, eng.fork(), inf, ref_medians[k]) for k, (s, inf) in enumerate(lanes)], lane, failed)
         bar.close()
     except DeviceError as exc:
         raise DeviceError(f"{exc.message}; {measured} points measured in this run are kept in {store.path}",
@@ -179,11 +202,51 @@ def measure(device: str | DeviceConfig, model: str, tokens: str | list[int] | No
     finally:
         if session_cm:
             session_cm.__exit__(None, None, None)
-    drift = (max(ref_medians) / min(ref_medians) - 1) if len(ref_medians) > 1 else None
+    drifts = [max(m) / min(m) - 1 for m in ref_medians.values() if len(m) > 1]
+    drift = max(drifts) if drifts else None
     if drift is not None and drift > cfg.measure["drift_tolerance"]:
         echo(f"warning: the reference point drifted by {drift:.1%} during the run (thermal or frequency change?); "
              "it is recorded in the table's provenance")
     return MeasureResult(cfg.name, spec.name, eng.name, measured, skipped, store.path, drift)
+
+
+class _Lane:
+    """One device of a farm session, as an engine's measure() sees a session."""
+
+    def __init__(self, rpc):
+        self.rpc = rpc
+
+
+def farm_lanes(session, info: dict) -> list[tuple]:
+    """(session, info) per device: a farm session holding several devices gives one lane each, its info
+    naming the server (drift is then checked per device); anything else is one lane."""
+    subs = getattr(session, "sessions", None) or []
+    if len(subs) < 2:
+        return [(session, info)]
+    return [(_Lane(rpc), {**info, "server": k}) for k, rpc in enumerate(subs)]
+
+
+def run_lanes(lanes: list[tuple], work, failed: list) -> None:
+    """Run `work(*lane)` for every lane in its own thread; the first error stops the others after their
+    current point and is raised here (Ctrl-C too: what was measured is already in the store)."""
+    def guarded(*args):
+        try:
+            work(*args)
+        except BaseException as exc:  # handed to the main thread
+            failed.append(exc)
+
+    threads = [threading.Thread(target=guarded, args=ln, daemon=True) for ln in lanes]
+    for t in threads:
+        t.start()
+    try:
+        while any(t.is_alive() for t in threads):
+            for t in threads:
+                t.join(0.2)
+    except KeyboardInterrupt:
+        failed.append(KeyboardInterrupt())
+        raise
+    if failed:
+        raise failed[0]
 
 
 def compile_graphs(eng, spec: ModelSpec, graphs: list[Graph], workdir: Path, bars, session=None) -> dict[str, str]:

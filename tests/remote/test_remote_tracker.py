@@ -65,9 +65,15 @@ def test_two_servers_share_the_work_and_give_the_same_rows(farm, workdir, tmp_pa
     result = measure(str(path), "deit_t", [9, 17], progress=False)
     points, rows = expected_counts("deit_t", [9, 17])
     assert result.measured == points
-    # both servers loaded compiled modules (the TVM server logs each load)
+    # both servers loaded compiled modules (the TVM server logs each load) and measured points, each
+    # with its own drift reference
     loads = [log.read_text().count(".so") for log in logs]
     assert all(n > 0 for n in loads), loads
+    import json
+
+    recs = [json.loads(x) for x in store_path(workdir, "farm2").read_text().splitlines()]
+    points_by = {k: sum(1 for r in recs if r["info"].get("server") == k and not r["reference"]) for k in (0, 1)}
+    assert all(points_by.values()) and sum(points_by.values()) == points, points_by
 
     one = tracker_config(tmp_path / "farm1.yaml", port, "farm1", sessions=1)
     assert measure(str(one), "deit_t", [9, 17], progress=False).measured == points
@@ -130,3 +136,22 @@ def test_tuning_candidates_run_on_every_farm_device_at_once(farm, tmp_path):
     assert spans[0] and spans[1] and len(spans[0]) + len(spans[1]) == 8  # both devices ran candidates
     # and at the same time: some candidate on one device overlapped one on the other
     assert any(a0 < b1 and b0 < a1 for _, a0, a1 in spans[0] for _, b0, b1 in spans[1])
+
+
+def test_farm_lanes_run_at_the_same_time():
+    """Each device of a farm gets its own thread: two lanes that can only finish together do."""
+    import threading
+
+    from latprof.measure.runner import run_lanes
+
+    barrier = threading.Barrier(2, timeout=20)
+    done = []
+    run_lanes([("a",), ("b",)], lambda name: done.append((name, barrier.wait())), [])
+    assert sorted(n for n, _ in done) == ["a", "b"]
+    # the first failure stops the run and is raised in the caller
+    def drop(k):
+        if k == 2:
+            raise DeviceError("device 2 dropped", "check it")
+
+    with pytest.raises(DeviceError, match="device 2 dropped"):
+        run_lanes([(1,), (2,)], drop, [])
