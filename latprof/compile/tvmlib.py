@@ -132,12 +132,7 @@ def export_for_device(cross_compiler: str | None, mod) -> str:
     import tempfile
 
     path = Path(tempfile.mkdtemp()) / "candidate.so"
-    kwargs = {}
-    if cross_compiler:
-        from tvm.support import cc  # type: ignore[attr-defined]
-
-        kwargs["fcompile"] = cc.cross_compiler(cross_compiler)
-    mod.export_library(str(path), **kwargs)
+    mod.export_library(str(path), **_link_kwargs(cross_compiler))
     return str(path)
 
 
@@ -266,16 +261,19 @@ def build(mod, target, db=None):
                            "report it with the graph in the cache directory") from None
 
 
+def _link_kwargs(cross_compiler: str | None) -> dict:
+    if not cross_compiler:
+        return {}
+    from tvm.support import cc  # type: ignore[attr-defined]
+
+    return {"fcompile": cc.cross_compiler(cross_compiler)}
+
+
 def export_library(executable, path: str | Path, cross_compiler: str | None = None) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp.so")
-    kwargs = {}
-    if cross_compiler:
-        from tvm.support import cc  # type: ignore[attr-defined]
-
-        kwargs["fcompile"] = cc.cross_compiler(cross_compiler)
-    executable.export_library(str(tmp), **kwargs)
+    executable.export_library(str(tmp), **_link_kwargs(cross_compiler))
     os.replace(tmp, path)
     return path
 
