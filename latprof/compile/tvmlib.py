@@ -194,10 +194,12 @@ def session_runner(rpc):
 
 
 def benchmark(schedules: list, target, on_done=None, chunk: int = 64, runner=None,
-              cross_compiler: str | None = None) -> list[float | None]:
+              cross_compiler: str | None = None, errors: list | None = None) -> list[float | None]:
     """Median run time in seconds of each schedule's function (None where it failed to build or run),
     built and run the way MetaSchedule measures its candidates: one builder pool, and the given runner
-    (default: MetaSchedule's local one, this machine). `on_done(n)` is called as candidates finish."""
+    (default: MetaSchedule's local one, this machine). `on_done(n)` is called as candidates finish.
+    `errors`, if given, receives one entry per schedule: None, or why it has no time (build or run
+    error, first line)."""
     import statistics
 
     from tvm.s_tir import meta_schedule as ms
@@ -215,14 +217,26 @@ def benchmark(schedules: list, target, on_done=None, chunk: int = 64, runner=Non
                                                     ms.arg_info.ArgInfo.from_prim_func(part[j].mod["main"]))
                               for j, b in ok])
         times: list[float | None] = [None] * len(part)
+        why: list[str | None] = [None if b.error_msg is None else "build: " + _first_line(b.error_msg) for b in built]
         for (j, _), fut in zip(ok, futures):
             res = fut.result()
             if res.error_msg is None and res.run_secs:
                 times[j] = statistics.median(float(getattr(t, "value", t)) for t in res.run_secs)
+            else:
+                why[j] = "run: " + _first_line(res.error_msg or "no run time reported")
         out += times
+        if errors is not None:
+            errors += why
         if on_done is not None:
             on_done(len(part))
     return out
+
+
+def _first_line(msg: str) -> str:
+    """The informative line of a MetaSchedule error (they start with a traceback banner)."""
+    lines = [ln.strip() for ln in str(msg).splitlines() if ln.strip()]
+    keep = [ln for ln in lines if "Error" in ln or "error" in ln or "Timeout" in ln] or lines or ["?"]
+    return keep[-1][:300]
 
 
 # Part of every compiled library's cache key: bump it when the way a module is built changes.

@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -209,42 +210,49 @@ class TVMEngine:
                 recs = sources.get(tuning.signature(t))
                 if key in pending or db.trials(key) >= self.trials or not recs:
                     continue
-                rec = min(recs.values(), key=lambda r: sum(map(float, r.run_secs)))
                 cands = tuning.candidates({name: r.trace for name, r in recs.items()}, t.dispatched[0])
-                if len(cands) == 1:  # nothing to choose between: no need to measure
-                    ((label, sch),) = cands.items()
-                    ok = tuning.verify(t.dispatched[0], sch)  # else TVM's default schedule stays
-                    if ok:
-                        tuning.commit(db.db, t, sch, [float(x) for x in rec.run_secs], self.target)
-                    db.record(key, trials=self.trials, name=t.task_name, transferred_from=src.tokens,
-                              refit=label if ok else None, rejected=[] if ok else [label])
-                elif cands:
-                    pending[key] = (t, src.tokens, cands)
-        flat = [(key, label, sch) for key, (_, _, cands) in pending.items() for label, sch in cands.items()]
+                if cands:
+                    pending[key] = (t, src.tokens, cands, min(sum(map(float, r.run_secs)) for r in recs.values()))
+        # several candidates are timed on the device; a lone one needs no timing (it keeps the anchor's)
+        flat = [(key, label, sch) for key, (_, _, cands, _) in pending.items() if len(cands) > 1
+                for label, sch in cands.items()]
+        timed: dict[str, dict] = {}
+        failed: dict[str, dict] = {}  # candidates with no time, and why (kept in budget.json)
         if flat:
-            bar = progress(total=len(flat), desc=f"transfer {len(pending)} tasks", unit="candidate")
+            bar = progress(total=len(flat), desc=f"transfer {sum(len(p[2]) > 1 for p in pending.values())} tasks",
+                           unit="candidate")
+            errors: list = []
             times = self.tvmlib.benchmark([sch for _, _, sch in flat], self.target, on_done=bar.update, runner=runner,
-                                          cross_compiler=self.cfg.cross_compiler)
+                                          cross_compiler=self.cfg.cross_compiler, errors=errors)
             bar.close()
-            timed: dict[str, dict] = {}
-            cache: dict = {}
-            for (key, label, sch), secs in zip(flat, times):
+            for (key, label, sch), secs, why in zip(flat, times, errors):
                 if secs is not None:
                     timed.setdefault(key, {})[label] = (secs, sch)
-            for key, found in timed.items():
-                task, src_tokens, _ = pending[key]
-                # the fastest candidate that computes the right thing (checked on this CPU)
-                ranked = sorted(found, key=lambda k: found[k][0])
-                rejected = []
-                for label in ranked:
-                    if tuning.verify(task.dispatched[0], found[label][1], cache):
-                        tuning.commit(db.db, task, found[label][1], [found[label][0]], self.target)
-                        break
-                    rejected.append(label)
                 else:
-                    label = None  # none was right: TVM's default schedule stays
-                db.record(key, trials=self.trials, name=task.task_name, transferred_from=src_tokens, refit=label,
-                          candidates_ms={k: round(v[0] * 1e3, 4) for k, v in found.items()}, rejected=rejected)
+                    failed.setdefault(key, {})[label] = why
+        cache: dict = {}
+        for key, (task, src_tokens, cands, anchor_secs) in pending.items():
+            lone = len(cands) == 1
+            found = {label: (anchor_secs, sch) for label, sch in cands.items()} if lone else timed.get(key)
+            if not found:  # no candidate ran: tried again next time; say why
+                why = next(iter(failed.get(key, {}).values()), "no candidate")
+                print(f"warning: no transfer candidate of {task.task_name} ran ({why}); it is tried again next run",
+                      file=sys.stderr)
+                continue
+            # the fastest candidate that computes the right thing (checked on this CPU); if none does,
+            # TVM's default schedule stays
+            chosen, rejected = None, []
+            for label in sorted(found, key=lambda k: found[k][0]):
+                if tuning.verify(task.dispatched[0], found[label][1], cache):
+                    tuning.commit(db.db, task, found[label][1], [found[label][0]], self.target)
+                    chosen = label
+                    break
+                rejected.append(label)
+            extra = {} if lone else {"candidates_ms": {k: round(v[0] * 1e3, 4) for k, v in found.items()}}
+            if failed.get(key):
+                extra["failed"] = failed[key]
+            db.record(key, trials=self.trials, name=task.task_name, transferred_from=src_tokens, refit=chosen,
+                      rejected=rejected, **extra)
         db.save()
 
     def _compile(self, graph: Graph, mod, db) -> Path:
