@@ -45,7 +45,8 @@ def main(argv=None) -> int:
     ap.add_argument("--engine", choices=["onnxruntime", "tvm"], default="onnxruntime")
     ap.add_argument("--device", default=None, help="a device config instead of the generated local one")
     ap.add_argument("--model", default="deit_t")
-    ap.add_argument("--grid", default=DEFAULT_GRID)
+    ap.add_argument("--grid", default=None, help=f"token counts (default {DEFAULT_GRID} for DeiT; for "
+                    "hierarchical models every unit's own default grid)")
     ap.add_argument("--configs", type=int, default=20, help="validation schedules (seed 0)")
     ap.add_argument("--cal-configs", type=int, default=6, help="calibration schedules (seed 1)")
     ap.add_argument("--threads", type=int, default=1)
@@ -65,14 +66,19 @@ def main(argv=None) -> int:
     device = args.device or str(write_cfg(wd / f"{args.engine}.yaml", args.engine, args.threads, args.repeats, args.trials))
     loads = [os.getloadavg()[0]]
     t0 = time.time()
-    res = measure(device, args.model, [int(v) for v in args.grid.split(",")], workdir=wd, progress=False,
+    from latprof.models import get_model
+
+    if args.grid is None and get_model(args.model).layout is None:
+        args.grid = DEFAULT_GRID
+    grid = [int(v) for v in args.grid.split(",")] if args.grid else None
+    res = measure(device, args.model, grid, workdir=wd, progress=False,
                   trials=args.trials if args.engine == "tvm" else None, echo=lambda *a: print(*a, file=sys.stderr))
     lut = wd / "luts" / f"{res.device}.csv"
     table = build_and_write(res.store, lut, engine=res.engine)
     t1 = time.time()
     loads.append(os.getloadavg()[0])
     print(f"engine {res.engine} ({table.provenance.get('tuning')}), {args.threads} thread(s), grid {args.grid}, "
-          f"{args.repeats} repeats; table {t1 - t0:.0f} s; reference drift during the table "
+          f"{args.repeats} repeats, model {args.model}; table {t1 - t0:.0f} s; reference drift during the table "
           f"{table.provenance.get('reference_drift') or 0:.1%}", flush=True)
     for stat in args.stats.split(","):
         if overhead_path(lut).exists():

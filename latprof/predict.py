@@ -38,6 +38,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from latprof.errors import LutError, UsageError
+from latprof.models.staged import selector_macs
 from latprof.schedule import TokenSchedule
 
 OVERHEAD_SCHEMA = 1
@@ -57,6 +58,8 @@ def parse_keep(text: str, spec) -> TokenSchedule:
     for r in ratios:
         if not (0 < r <= 1) or math.isnan(r):
             raise UsageError(f"keep ratio {r:g} is outside (0, 1]", "ratios are cumulative shares of the patch tokens, e.g. 0.7,0.49,0.343")
+    if spec.layout is not None:  # hierarchical: ratios restart in every stage (latprof.models.staged)
+        return spec.layout.from_ratios(ratios)
     if any(b > a for a, b in zip(ratios, ratios[1:])):
         raise UsageError(f"keep ratios {ratios} increase; a pruned token never comes back",
                          "give non-increasing ratios, e.g. 0.7,0.49,0.343")
@@ -73,7 +76,9 @@ def parse_tokens(text: str, spec) -> TokenSchedule:
         raise UsageError(f"bad token counts '{text}'", f"give {depth} comma-separated integers, one per block") from None
     if len(ns) != depth:
         raise UsageError(f"{len(ns)} token counts for the {depth} blocks of {spec.name}",
-                         f"give one N per block (N counts class and package tokens), e.g. 197 x3, 139 x3, 99 x3, 70 x3")
+                         "give one N per block (N counts class and package tokens), e.g. 197 x3, 139 x3, 99 x3, 70 x3")
+    if spec.layout is not None:
+        return spec.layout.from_block_tokens(ns)
     bounds = [0, *locations, depth]
     kept = []
     for s in range(len(bounds) - 1):
@@ -100,6 +105,8 @@ def _depth(spec) -> int:
 
 def unit_tokens(spec, schedule: TokenSchedule) -> dict[str, int]:
     """N seen by every unit of `spec` under `schedule` (fixed units at their own N)."""
+    if spec.layout is not None:
+        return spec.layout.unit_tokens(spec, schedule)
     blocks = schedule.block_tokens()
     out = {}
     for u in spec.units:
@@ -131,16 +138,15 @@ def _dims(spec) -> tuple[int, int]:
 def unit_macs(spec, unit: str, n: int, mlp_ratio: float = 4.0, classes: int = 1000, patch: int = 16) -> int:
     """Multiply-accumulates of one unit at N tokens (batch 1). Layer norms, softmax, GELU and adds are
     not MACs and are left out, as is usual for the published DeiT figures."""
+    if spec.layout is not None:
+        return spec.layout.unit_macs(unit, n)
     d, h = _dims(spec)
     kind = unit.partition(".")[0]
     if kind == "blocks":
         # qkv 3ND^2, q@k^T and attn@v 2N^2D, proj ND^2, MLP 2*N*D*(rD)
         return int(3 * n * d * d + 2 * n * n * d + n * d * d + 2 * n * d * int(mlp_ratio * d))
     if kind == "selector":
-        hd = d // h
-        h1, h2 = max(hd // 2, 2), max(hd // 4, 2)
-        per_head = hd * hd + hd * h1 + h1 * h2 + h2 * 2  # w_in, w1, w2, w3 of each head
-        return int(n * (h * per_head + d * h))          # + head-attention Linear(D, H)
+        return selector_macs(n, d, h)
     if kind == "merge":
         return int((n - 1) * d)                         # score-weighted sum of the N-1 non-class tokens
     if unit == "patch_embed":
@@ -154,6 +160,8 @@ def unit_macs(spec, unit: str, n: int, mlp_ratio: float = 4.0, classes: int = 10
 def model_macs(spec, schedule: TokenSchedule | None = None) -> int:
     """MACs of the whole model under `schedule` (selectors and merges included), or of the dense model
     (no pruning, no selectors) when `schedule` is None."""
+    if schedule is None and spec.layout is not None:
+        return sum(unit_macs(spec, u, n) for u, n in spec.layout.dense_unit_tokens(spec).items())
     if schedule is None:
         n = spec.max_tokens
         return sum(unit_macs(spec, u.name, n) for u in spec.units if not u.name.startswith(("selector.", "merge.")))
@@ -311,8 +319,9 @@ def predict(table, model: str, schedule: TokenSchedule, overhead: Overhead | Non
 
     spec = get_model(model)
     engine, tuning = _table_engine(table)
-    if schedule.patches != spec.max_tokens - 1 or tuple(schedule.locations) != tuple(spec.pruning_locations):
-        raise UsageError(f"schedule for {schedule.patches} patches at {list(schedule.locations)} does not fit {model}",
+    if tuple(schedule.locations) != tuple(spec.pruning_locations) or (
+            spec.layout is None and schedule.patches != spec.max_tokens - 1):
+        raise UsageError(f"schedule for {getattr(schedule, 'patches', '?')} patches at {list(schedule.locations)} does not fit {model}",
                          f"{model} has {spec.max_tokens - 1} patches, pruning before blocks {list(spec.pruning_locations)}")
     table_units = set(table.units(model))
     ns = unit_tokens(spec, schedule)
@@ -355,7 +364,10 @@ def predict(table, model: str, schedule: TokenSchedule, overhead: Overhead | Non
 
 
 def format_prediction(p: Prediction, breakdown: bool = True) -> str:
-    lines = [f"{p.model} on {p.engine} ({p.tuning}), kept patches {list(p.kept)}, block N {p.block_tokens}",
+    from latprof.models import get_model
+
+    kept = getattr(get_model(p.model).layout, "kept_label", "kept patches")
+    lines = [f"{p.model} on {p.engine} ({p.tuning}), {kept} {list(p.kept)}, block N {p.block_tokens}",
              f"predicted latency {p.total_ms:.3f} ms  (95% CI {p.ci_low_ms:.3f}..{p.ci_high_ms:.3f}; "
              f"summed quartiles {p.q1_ms:.3f}..{p.q3_ms:.3f})  {p.macs / 1e9:.3f} GMACs"]
     if p.overhead is not None:

@@ -110,6 +110,8 @@ def random_schedules(table, spec, count: int, seed: int = 0) -> list[TokenSchedu
     light to heavy pruning."""
     from latprof.predict import _depth
 
+    if spec.layout is not None:
+        return _random_staged(table, spec, count, seed)
     depth, locs, patches = _depth(spec), tuple(spec.pruning_locations), spec.max_tokens - 1
     lo_n = max(table.token_range(spec.name, u)[0] for u in table.units(spec.name) if table.kind(spec.name, u) == "tokens")
     hi_n = min(table.token_range(spec.name, u)[1] for u in table.units(spec.name) if table.kind(spec.name, u) == "tokens")
@@ -134,9 +136,40 @@ def random_schedules(table, spec, count: int, seed: int = 0) -> list[TokenSchedu
     return out
 
 
+def _random_staged(table, spec, count: int, seed: int):
+    """Hierarchical models (latprof.models.staged): per stage, sorted uniform shares of what each location
+    may keep; only schedules whose every unit's N the table covers."""
+    lay = spec.layout
+    ranges = {u: table.token_range(spec.name, u) for u in table.units(spec.name) if table.kind(spec.name, u) == "tokens"}
+    rng = random.Random(seed)
+    out, seen = [], set()
+    for _ in range(1000 * count):
+        kept, ratios = [], {}
+        for s in range(len(lay.locations)):
+            ratios.setdefault(lay.location_stage(s), []).append(rng.uniform(0.02, 1.0))
+        for st in ratios:
+            ratios[st].sort(reverse=True)
+        for s in range(len(lay.locations)):
+            whole = lay.limit(s)
+            kept.append(max(1, round(whole * ratios[lay.location_stage(s)].pop(0))))
+        if tuple(kept) in seen:
+            continue
+        sched = lay.schedule(kept)
+        if all(ranges[u][0] <= n <= ranges[u][1] for u, n in unit_tokens(spec, sched).items() if u in ranges):
+            seen.add(tuple(kept))
+            out.append(sched)
+            if len(out) == count:
+                return out
+    raise UsageError(f"the table's token ranges allow fewer than {count} distinct {spec.name} schedules",
+                     "measure a wider token grid (down to small N in every unit) or ask for fewer --configs")
+
+
 # -- the pruned model ----------------------------------------------------------------------------------
 def pruned_model(spec, kept):
-    """StaticSPViT over the registry's timm model (seeded weights, fused attention off)."""
+    """The whole model pruned with static kept counts: StaticSPViT over the registry's timm model for
+    DeiT (seeded weights, fused attention off), the family's own static model otherwise."""
+    if spec.pruned is not None:
+        return spec.pruned(spec, kept)
     from latprof.train.spvit import SPViT, StaticSPViT
 
     vit, _ = spec.builder(spec)
@@ -279,8 +312,9 @@ def validate(device, model: str, lut, configs: int = 20, seed: int = 0, workdir=
     per_call = None
     graph_dir = workdir / "graphs"
     probe = _export_probe(int(_dim(spec)), graph_dir, model) if calibrate else None
-    ref_unit = next(u for u in spec.units if u.shared == "block").name
-    ref_table_ms = table.latency_ms(model, ref_unit, spec.max_tokens)
+    ref_u = spec.unit("blocks.0")  # the drift reference: the first block, dense
+    ref_unit, ref_n = ref_u.name, spec.unit_max(ref_u)
+    ref_table_ms = table.latency_ms(model, ref_unit, ref_n)
     if todo or probe:
         bar = bars(total=len(todo), desc="export whole models", unit="model")
         graphs = {}
@@ -290,7 +324,7 @@ def validate(device, model: str, lut, configs: int = 20, seed: int = 0, workdir=
         bar.close()
         from latprof.measure.runner import export_graphs
 
-        ref = next(g for g in export_graphs(spec, [spec.max_tokens], workdir, bars) if g.shared == "block")
+        ref = next(g for g in export_graphs(spec, [ref_n], workdir, bars, {ref_u.shared}) if g.shared == ref_u.shared)
         rpath.parent.mkdir(parents=True, exist_ok=True)
         session_cm = open_session(cfg) if eng.needs_session else None
         session = session_cm.__enter__() if session_cm else None
@@ -305,7 +339,7 @@ def validate(device, model: str, lut, configs: int = 20, seed: int = 0, workdir=
                 g = graphs[tuple(s.kept)]
                 ref_samples, _ = eng.measure(session, ref, artifacts[ref.digest])  # the machine's state now
                 samples, _ = eng.measure(session, g, artifacts[g.digest])
-                rec = {"ref_unit": ref_unit, "ref_tokens": spec.max_tokens, "ref_samples_ms": [round(x, 6) for x in ref_samples],
+                rec = {"ref_unit": ref_unit, "ref_tokens": ref_n, "ref_samples_ms": [round(x, 6) for x in ref_samples],
                        "table": tid, "tuning": tuning, "engine": eng.name, "device": cfg.name, "model": model,
                        "kept": list(s.kept), "block_tokens": s.block_tokens(), "graph": g.digest,
                        "samples_ms": [round(x, 6) for x in samples],
@@ -355,6 +389,8 @@ def validate(device, model: str, lut, configs: int = 20, seed: int = 0, workdir=
 
 
 def _dim(spec) -> int:
+    if spec.layout is not None:
+        return spec.layout.stages[0].dim
     from latprof.predict import _dims
 
     return _dims(spec)[0]

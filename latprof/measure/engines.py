@@ -130,7 +130,14 @@ class TVMEngine:
 
     # -- compile ----------------------------------------------------------------------------------
     def _prepared(self, graph: Graph):
-        return self.tvmlib.prepare(self.tvmlib.import_onnx(graph.path), self.target)
+        try:
+            mod = self.tvmlib.import_onnx(graph.path)
+        except Exception as exc:  # TVM's ONNX frontend: an operator or shape it cannot take
+            msg = [ln for ln in str(exc).splitlines() if ln.strip()] or [type(exc).__name__]
+            raise CompileError(f"{graph.model}/{graph.shared} at N={graph.tokens}: TVM cannot import its ONNX graph "
+                               f"({msg[-1].strip()[:200]})",
+                               "measure it with --engine onnxruntime meanwhile, and report the unit") from None
+        return self.tvmlib.prepare(mod, self.target)
 
     def prepare(self, graphs: list[Graph], progress, anchors: list[Graph] = (), session=None) -> dict[str, str]:
         """Tune what is missing (within the budget), then compile every graph; returns lib paths.

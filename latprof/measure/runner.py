@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import collections
 import datetime as _dt
+import hashlib
 import json
 import os
 import random
@@ -16,6 +17,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import latprof
 from latprof.devices import load_config, open_session
@@ -35,9 +37,29 @@ def default_workdir() -> Path:
     return Path(os.environ.get("LATPROF_HOME", "latprof-work"))
 
 
-def parse_tokens(text: str | None, spec: ModelSpec) -> list[int]:
+def default_grid(top: int) -> list[int]:
+    """Token counts measured by default for a unit that sees 1..top tokens: DEFAULT_GRID for DeiT's 197,
+    the same shares of `top` otherwise (a PiT stage of 730 or 50 tokens, a Swin window of 49)."""
+    if top == DEFAULT_GRID[-1]:
+        return list(DEFAULT_GRID)
+    return sorted({1, top} | {max(1, round(g * top / DEFAULT_GRID[-1])) for g in DEFAULT_GRID[1:]})
+
+
+def unit_grid(spec: ModelSpec, unit, tokens) -> list[int]:
+    """The counts a token-dependent unit is measured at: `tokens` None = its default grid; a list = the
+    values within its range; a callable = tokens(unit)."""
+    top = spec.unit_max(unit)
+    if tokens is None:
+        return default_grid(top)
+    if callable(tokens):
+        return list(tokens(unit))
+    return [n for n in tokens if n <= top]
+
+
+def parse_tokens(text: str | None, spec: ModelSpec) -> list[int] | None:
+    """--tokens as a sorted list, or None for every unit's default grid."""
     if not text:
-        return [n for n in DEFAULT_GRID if n <= spec.max_tokens]
+        return None
     try:
         values = sorted({int(v) for v in text.split(",") if v.strip()})
     except ValueError:
@@ -45,6 +67,10 @@ def parse_tokens(text: str | None, spec: ModelSpec) -> list[int]:
     if not values or values[0] < 1 or values[-1] > spec.max_tokens:
         raise UsageError(f"token counts {values} must lie within 1..{spec.max_tokens} for {spec.name}",
                          f"N counts the class token too, so {spec.max_tokens} is the dense model")
+    for u in spec.units:
+        if u.kind == "tokens" and not unit_grid(spec, u, values):
+            raise UsageError(f"none of the token counts {values} fits {spec.name}/{u.name}, which sees 1..{spec.unit_max(u)}",
+                             f"add a count of at most {spec.unit_max(u)} to --tokens")
     return values
 
 
@@ -59,21 +85,21 @@ class MeasureResult:
     drift: float | None
 
 
-def export_graphs(spec: ModelSpec, tokens: list[int], workdir: Path, progress,
+def export_graphs(spec: ModelSpec, tokens, workdir: Path, progress,
                   shared_keys: set[str] | None = None) -> list[Graph]:
-    """One graph per (shared unit, N); fixed units at their own N. Cached by an index so a warm run
-    does not rebuild the torch model."""
+    """One graph per (shared unit, N); fixed units at their own N, token-dependent ones at
+    `unit_grid(spec, unit, tokens)`. Cached by an index so a warm run does not rebuild the torch model."""
     wanted = []
     for shared in dict.fromkeys(u.shared for u in spec.units):
         if shared_keys is not None and shared not in shared_keys:
             continue
         unit = next(u for u in spec.units if u.shared == shared)
-        for n in ([unit.fixed_tokens] if unit.kind == "fixed" else tokens):
+        for n in ([unit.fixed_tokens] if unit.kind == "fixed" else unit_grid(spec, unit, tokens)):
             wanted.append((shared, n))
     graph_dir = workdir / "graphs"
     index_path = graph_dir / "index.json"
     index = json.loads(index_path.read_text()) if index_path.exists() else {}
-    versions = _versions()
+    versions = _versions() + "," + _unit_sources()
     graphs, missing = [], []
     for shared, n in wanted:
         entry = index.get(f"{spec.name}|{shared}|{n}|{versions}")
@@ -97,6 +123,14 @@ def export_graphs(spec: ModelSpec, tokens: list[int], workdir: Path, progress,
     return graphs
 
 
+def _unit_sources() -> str:
+    """Digest of the code that defines the units' graphs: a changed unit is exported again (the graph's
+    own digest then decides whether anything is compiled or measured again)."""
+    root = Path(latprof.__file__).parent
+    files = sorted((root / "models").glob("*.py")) + [root / "train" / "pruning.py", root / "train" / "units.py"]
+    return "units=" + hashlib.sha256(b"".join(f.read_bytes() for f in files)).hexdigest()[:12]
+
+
 def _versions() -> str:
     import importlib.metadata as md
 
@@ -113,7 +147,7 @@ def store_path(workdir: Path, device: str) -> Path:
     return workdir / "samples" / f"{device}.jsonl"
 
 
-def measure(device: str | DeviceConfig, model: str, tokens: str | list[int] | None = None,
+def measure(device: str | DeviceConfig, model: str, tokens: str | list[int] | Callable | None = None,
             engine: str | None = None, workdir: Path | None = None, trials: int | None = None,
             progress: bool = True, seed: int = 0, echo=print, units: list[str] | None = None,
             store: Path | None = None) -> MeasureResult:
@@ -121,7 +155,8 @@ def measure(device: str | DeviceConfig, model: str, tokens: str | list[int] | No
     device's store in the workdir)."""
     cfg = device if isinstance(device, DeviceConfig) else load_config(device)
     spec = get_model(model)
-    grid = tokens if isinstance(tokens, list) else parse_tokens(tokens, spec)
+    # a list, a callable (unit -> counts) or --tokens text; None: each unit's default grid
+    grid = tokens if isinstance(tokens, list) or callable(tokens) else parse_tokens(tokens, spec)
     workdir = Path(workdir or default_workdir())
     bars = bar_factory(progress)
     eng = make_engine(engine or cfg.engine, cfg, spec, workdir, trials)
@@ -256,7 +291,8 @@ def compile_graphs(eng, spec: ModelSpec, graphs: list[Graph], workdir: Path, bar
     and every measured count reuses those schedules; see compile/tuning.py."""
     anchors = []
     if eng.name == "tvm" and eng.trials > 0:
-        anchors = [g for g in export_graphs(spec, eng.anchors, workdir, bars)
+        configured = eng.cfg.tuning.get("anchors")
+        anchors = [g for g in export_graphs(spec, lambda u: unit_anchors(spec, u, configured), workdir, bars)
                    if spec.unit_by_shared(g.shared).kind == "tokens"]
     return eng.prepare(graphs, bars, anchors=anchors, session=session)
 
@@ -265,10 +301,19 @@ def make_engine(name: str, cfg: DeviceConfig, spec: ModelSpec, workdir: Path, tr
     """An engine set up for a model: for TVM, the anchor token counts its tuning label names."""
     eng = get_engine(name, cfg, workdir, trials)
     if eng.name == "tvm":
-        from latprof.compile.tuning import anchor_tokens
-
-        eng.anchors = anchor_tokens(spec.max_tokens, cfg.tuning.get("anchors"))
+        eng.anchors = sorted({a for u in spec.units if u.kind == "tokens"
+                              for a in unit_anchors(spec, u, cfg.tuning.get("anchors"))})
     return eng
+
+
+def unit_anchors(spec: ModelSpec, unit, configured: list | None) -> list[int]:
+    """The anchor token counts a unit is tuned at: the configured ones within its range, else the
+    default for its range (compile/tuning.py)."""
+    from latprof.compile.tuning import anchor_tokens
+
+    top = spec.unit_max(unit)
+    mine = [a for a in anchor_tokens(top, configured) if a <= top] if configured else []
+    return mine or anchor_tokens(top)
 
 
 def like_baseline(device: str | DeviceConfig, baseline) -> tuple[DeviceConfig, str, int]:
@@ -302,7 +347,11 @@ def remeasure_like(baseline, device: str | DeviceConfig, model: str, units: list
     workdir = Path(workdir or default_workdir())
     stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%S%f")
     store = workdir / "samples" / f"check-{cfg.name}-{stamp}.jsonl"
-    measure(cfg, model, sorted({int(n) for n in frame["tokens"]}), engine, workdir, trials, progress,
+    spec = get_model(model)
+    counts: dict[str, set] = {}  # per shared graph: the baseline's token counts (hierarchical units differ)
+    for unit, n in zip(frame["unit"], frame["tokens"]):
+        counts.setdefault(spec.unit(unit).shared, set()).add(int(n))
+    measure(cfg, model, lambda u: sorted(counts.get(u.shared, ())), engine, workdir, trials, progress,
             units=sorted(set(frame["unit"])), store=store, echo=lambda *a, **k: None)
     table = build_lut(store, engine=engine)
     keep = table.frame.merge(frame[["unit", "tokens"]], on=["unit", "tokens"])

@@ -16,7 +16,9 @@ class Unit:
     """One profiling unit of a model.
 
     kind "fixed": the cost does not depend on the token count (measured once, at `fixed_tokens`).
-    kind "tokens": the cost is a function of N, every token the unit sees (class + kept + package).
+    kind "tokens": the cost is a function of N, every token the unit sees (class + kept + package),
+    from 1 to `max_tokens` (default: the model's). In a hierarchical model each stage has its own range,
+    and for windowed attention (Swin) N counts the tokens of one window (see the family's module).
     Units with the same `shared` key have the same structure and shapes: compiled and measured once.
     """
 
@@ -25,6 +27,7 @@ class Unit:
     position: int
     shared: str
     fixed_tokens: int | None = None
+    max_tokens: int | None = None
 
 
 @dataclass
@@ -38,6 +41,21 @@ class ModelSpec:
     # build(model_spec) -> (torch model, {shared_key: (module_factory, input_factory)})
     builder: Callable = field(repr=False, default=None)
     description: str = ""
+    # the family's token-schedule rules (latprof.models.staged); None: DeiT's flat rules in latprof.predict
+    layout: object = field(repr=False, default=None)
+    # pruned(spec, kept) -> the whole model pruned with static kept counts (hierarchical families)
+    pruned: Callable = field(repr=False, default=None)
+
+    def require_flat(self, what: str) -> None:
+        """Refuse a step that exists for flat ViTs (DeiT) only so far."""
+        if self.layout is not None:
+            raise UsageError(f"{what} supports the DeiT family so far; {self.name} ({self.family}) can be measured, "
+                             "tabled and predicted, not yet " + ("validated end to end" if what == "validate" else "trained"),
+                             f"use `latprof predict --model {self.name}` for its latency, or a deit_* model for {what}")
+
+    def unit_max(self, unit: Unit) -> int:
+        """The most tokens a token-dependent unit sees (its dense count)."""
+        return unit.max_tokens or self.max_tokens
 
     def unit_by_shared(self, shared: str) -> Unit:
         return next(u for u in self.units if u.shared == shared)
@@ -74,4 +92,4 @@ def get_model(name: str) -> ModelSpec:
 
 
 def _load_families() -> None:
-    from latprof.models import deit  # noqa: F401  (registers deit_t/s/b)
+    from latprof.models import deit, pit, swin  # noqa: F401  (each registers its models)

@@ -100,6 +100,7 @@ def run(cfg: TrainConfig, log=print) -> dict:
 
     tqdm = require("tqdm", "train").tqdm
     spec = get_model(cfg.model)
+    spec.require_flat("train")
     if cfg.checkpoint is None and not cfg.random_init:
         raise UsageError("no --checkpoint given", "pass --checkpoint FILE (a local timm state dict) or --random-init")
     if cfg.epochs < 1 or cfg.batch_size < 1:

@@ -1,0 +1,227 @@
+"""Hierarchical ViTs (PiT, Swin): registry, units that reproduce timm's forward, the pruned-token-count
+definitions of latprof.models.staged, MACs against the published dense figures, and a real measured table."""
+
+import pytest
+import torch
+
+from latprof.errors import UsageError
+from latprof.lut.build import build_and_write
+from latprof.measure.runner import default_grid, measure, parse_tokens, store_path, unit_grid
+from latprof.models import get_model, list_models
+from latprof.predict import model_macs, parse_keep, parse_tokens as parse_block_tokens, predict, unit_tokens
+from tests.conftest import write_config
+
+# dense GMACs as published (Swin paper, PiT paper; SPViT's tables quote the same)
+PUBLISHED_GMACS = {"swin_t": 4.5, "swin_s": 8.7, "pit_s": 2.9, "pit_xs": 1.4}
+
+
+def test_registry_lists_the_hierarchical_models():
+    assert set(PUBLISHED_GMACS) <= set(list_models())
+    assert get_model("pit_s").timm_name == "pit_s_224" and get_model("swin_s").timm_name == "swin_small_patch4_window7_224"
+
+
+@pytest.mark.parametrize("model", sorted(PUBLISHED_GMACS))
+def test_dense_macs_match_the_published_figures(model):
+    got = model_macs(get_model(model)) / 1e9
+    assert abs(got - PUBLISHED_GMACS[model]) / PUBLISHED_GMACS[model] < 0.03, got
+
+
+def test_pit_units_and_token_ranges():
+    spec = get_model("pit_s")
+    names = [u.name for u in spec.units]
+    assert names[0] == "patch_embed" and names[-1] == "head"
+    # one location per stage, after the stage's first block; pooling between stages
+    assert names.index("selector.1") == names.index("blocks.0") + 1
+    assert names.index("pool.1") < names.index("blocks.2") < names.index("selector.2") < names.index("blocks.4")
+    assert names.index("pool.2") < names.index("blocks.8") < names.index("selector.3") < names.index("blocks.9")
+    top = {u.shared: spec.unit_max(u) for u in spec.units if u.kind == "tokens"}
+    assert top["block.s1"] == 730 and top["block.s2"] == 197 and top["block.s3"] == 50
+    assert top["selector.s2"] == 197 and top["merge.s3"] == 50
+
+
+def test_swin_units_shift_and_prune_in_stage_3():
+    spec = get_model("swin_t")
+    shared = {u.name: u.shared for u in spec.units}
+    assert spec.pruning_locations == (6, 8)
+    assert get_model("swin_s").pruning_locations == (10, 16)
+    assert shared["blocks.4"] == "block.s3" and shared["blocks.5"] == "block.s3.shift"
+    assert shared["blocks.10"] == shared["blocks.11"] == "block.s4"  # one window covers the 7x7 grid: no shift
+    assert {spec.unit_max(u) for u in spec.units if u.kind == "tokens"} == {49}
+    assert spec.unit("selector.1").kind == "fixed" and spec.unit("selector.1").fixed_tokens == 196
+
+
+def test_pit_units_chained_reproduce_timm(one_torch_thread):
+    spec = get_model("pit_xs")
+    model, mods = spec.builder(spec)
+    img = torch.randn(1, 3, 224, 224)
+    with torch.no_grad():
+        want = model(img)
+        x = mods["patch_embed"][0](img)
+        for st in range(3):
+            if st:
+                x = mods[f"pool.{st}"][0](x)
+            assert x.shape == mods[f"block.s{st + 1}"][1](x.shape[1])
+            for blk in model.transformers[st].blocks:
+                x = blk(x)
+        got = mods["head"][0](x)
+    assert torch.allclose(got, want, atol=1e-5)
+
+
+def test_swin_units_chained_reproduce_timm_including_shifted_windows(one_torch_thread):
+    from timm.models.swin_transformer import window_partition, window_reverse
+
+    from latprof.models.swin import shifted
+
+    spec = get_model("swin_t")
+    model, mods = spec.builder(spec)
+    img = torch.randn(1, 3, 224, 224)
+    with torch.no_grad():
+        want = model(img)
+        x = mods["patch_embed"][0](img)
+        for st, stage in enumerate(spec.layout.stages):
+            if st:
+                x = mods[f"downsample.{st}"][0](x)
+            for b, blk in zip(stage.blocks, model.layers[st].blocks):
+                x_in, x = x, blk(x)
+                if not (b == stage.first or (b == stage.first + 1 and shifted(stage, b))):
+                    continue  # a stage's unit graphs come from its first (unshifted) and second (shifted) block
+                # the window unit between timm's own shift/partition and reverse/unshift
+                unit = mods[spec.unit(f"blocks.{b}").shared][0]
+                s = blk.shift_size
+                w = window_partition(torch.roll(x_in, (-s[0], -s[1]), (1, 2)), (7, 7)).view(-1, 49, stage.dim)
+                assert w.shape == mods[spec.unit(f"blocks.{b}").shared][1](49)
+                y = window_reverse(unit(w).view(-1, 7, 7, stage.dim), (7, 7), stage.grid, stage.grid)
+                x_unit = torch.roll(y, s, (1, 2))
+                assert torch.allclose(x_unit, x, atol=1e-5), (st, b)
+        got = mods["head"][0](x)
+    assert torch.allclose(got, want, atol=1e-5)
+
+
+def test_pit_schedule_restarts_dense_in_every_stage():
+    spec = get_model("pit_s")
+    s = parse_keep("0.5,0.9,0.5", spec)  # stage 2 keeps more than stage 1: every stage starts dense
+    assert s.kept == (364, 176, 24)
+    assert s.block_tokens() == [730, 1 + 364 + 1, 197, 197] + [1 + 176 + 1] * 4 + [50] + [1 + 24 + 1] * 3
+    n = unit_tokens(spec, s)
+    assert (n["selector.1"], n["merge.1"]) == (730, 730)     # the tokens arriving at the location
+    assert (n["selector.2"], n["selector.3"]) == (197, 50)
+    assert (n["pool.1"], n["pool.2"], n["head"]) == (730, 197, 50)  # the whole grid, always
+    assert parse_block_tokens(",".join(map(str, s.block_tokens())), spec) == s
+    # keeping everything is one token too many: the package token would make N exceed the dense stage
+    assert parse_keep("1,1,1", spec).block_tokens()[1] == 730
+
+
+def test_swin_schedule_counts_tokens_per_window():
+    spec = get_model("swin_t")
+    s = parse_keep("0.7,0.5", spec)
+    assert s.kept == (34, 24)
+    assert s.block_tokens() == [49] * 6 + [34, 34, 24, 24] + [49, 49]
+    assert unit_tokens(spec, s)["selector.2"] == 196
+    # fewer MACs than dense, by the share of window tokens skipped in four stage-3 blocks
+    dense, pruned = model_macs(spec), model_macs(spec, s)
+    assert 0.8 * dense < pruned < dense
+
+
+@pytest.mark.parametrize("keep, match", [("0.5,0.7", "non-increasing"), ("0.5", "1 keep ratios for 2"),
+                                         ("0,0.5", "outside")])
+def test_bad_hierarchical_schedules_are_usage_errors(keep, match):
+    with pytest.raises(UsageError, match=match):
+        parse_keep(keep, get_model("swin_t"))
+
+
+def test_block_tokens_that_are_no_schedule_are_refused():
+    spec = get_model("swin_t")
+    with pytest.raises(UsageError, match="not a swin schedule"):
+        parse_block_tokens(",".join(["49"] * 6 + ["30", "34", "24", "24", "49", "49"]), spec)
+
+
+def test_default_grids_scale_with_each_units_range():
+    spec = get_model("pit_s")
+    assert default_grid(197) == [1, 17, 33, 49, 65, 97, 129, 161, 197]
+    assert default_grid(49) == [1, 4, 8, 12, 16, 24, 32, 40, 49]
+    grids = {u.shared: unit_grid(spec, u, None) for u in spec.units if u.kind == "tokens"}
+    assert grids["block.s1"][-1] == 730 and grids["block.s3"][-1] == 50 and len(grids["block.s1"]) == 9
+    # explicit counts: each unit takes those within its range
+    assert unit_grid(spec, spec.unit("blocks.8"), parse_tokens("10,50,197,730", spec)) == [10, 50]
+    with pytest.raises(UsageError, match="fits pit_s/blocks.8"):
+        parse_tokens("100,730", spec)
+
+
+def test_training_refuses_hierarchical_models_with_a_fix():
+    with pytest.raises(UsageError, match="not yet trained"):
+        get_model("swin_t").require_flat("train")
+
+
+def test_static_pit_pruned_tokens_bypass_the_rest_of_their_stage(one_torch_thread):
+    spec = get_model("pit_xs")
+    k = 300
+    model = spec.pruned(spec, (k, 100, 20))
+    seen = {}
+    model.pit.transformers[0].blocks[0].register_forward_hook(lambda m, i, o: seen.__setitem__("b0", o))
+    model.pit.transformers[1].pool.register_forward_hook(lambda m, i, o: seen.__setitem__("pool_in", i[0]))
+    with torch.no_grad():
+        out = model(torch.randn(1, 3, 224, 224))
+    assert out.shape == (1, 1000)
+    after_b0 = seen["b0"][0, 1:]                               # [729, C]: features at the pruning location
+    at_pool = seen["pool_in"][0].flatten(1).transpose(0, 1)    # [729, C]: what the pooling reads
+    unchanged = (after_b0 - at_pool).abs().amax(1) == 0
+    assert int(unchanged.sum()) == 729 - k                     # exactly the pruned ones skipped block 1
+
+
+def test_static_swin_processes_k_tokens_per_window(one_torch_thread):
+    spec = get_model("swin_t")
+    model = spec.pruned(spec, (30, 20))
+    stage = spec.layout.stages[2]
+    x, score = torch.randn(1, 14, 14, stage.dim), torch.randn(1, 14, 14, 1)
+    with torch.no_grad():
+        for j in (2, 3):  # an unshifted and a shifted block of stage 3
+            blk = model.swin.layers[2].blocks[j]
+            y = model._pruned_block(2, j, blk, x, score, 30, 14)
+            assert int(((y - x).abs().amax(-1) == 0).sum()) == stage.windows * (49 - 30)
+            # all 49 tokens through the gather path is the dense block exactly
+            full = model._pruned_block(2, j, blk, x, score, 49, 14)
+            assert torch.allclose(full, model._dense_block(2, j, blk, x, 14), atol=1e-5)
+        dense = spec.pruned(spec, (49, 49))
+        img = torch.randn(1, 3, 224, 224)
+        assert torch.allclose(dense(img), dense.swin(img), atol=1e-5)  # no pruning: timm's Swin
+
+
+@pytest.mark.parametrize("model, kept", [("pit_xs", (364, 98, 24)), ("swin_t", (34, 24))])
+def test_static_pruned_models_export_and_import_into_tvm(model, kept, tmp_path, one_torch_thread):
+    from latprof.compile import tvmlib
+    from latprof.export import export_unit
+    from latprof.validate import pruned_model
+
+    spec = get_model(model)
+    g = export_unit(pruned_model(spec, kept), (1, 3, 224, 224), tmp_path, model, "e2e", 0)
+    assert g.ort_max_abs_err < 1e-3  # onnxruntime agrees with torch on the logits
+    tvmlib.import_onnx(g.path)       # static shapes only: no shape arithmetic TVM's importer refuses
+
+
+def test_measure_table_and_predict_pit_and_swin_on_local(workdir, tmp_path, one_torch_thread):
+    """The real path: ONNX export checked against torch, onnxruntime on the local RPC device, build-lut,
+    predict; small grids."""
+    cfg = write_config(tmp_path / "ort.yaml", name="ortdev", engine="onnxruntime",
+                       measure={"repeats": 3, "reference_every": 0})
+    for model, tokens in (("pit_xs", [1, 50, 197, 730]), ("swin_t", [12, 49])):
+        spec = get_model(model)
+        r = measure(str(cfg), model, tokens, progress=False)
+        shared = {u.shared: u for u in spec.units}
+        assert r.measured == sum(1 if u.kind == "fixed" else len(unit_grid(spec, u, tokens)) for u in shared.values())
+    table = build_and_write(store_path(workdir, "ortdev"), tmp_path / "h.csv")
+    assert set(table.frame["model"]) == {"pit_xs", "swin_t"}
+    assert table.token_range("pit_xs", "blocks.1") == (1, 730) and table.token_range("pit_xs", "blocks.9") == (1, 50)
+    p = predict(table, "pit_xs", parse_keep("0.05,0.2,1", get_model("pit_xs")))
+    assert p.block_tokens[:3] == [730, 1 + 36 + 1, 197] and p.block_tokens[8:] == [50, 50, 50, 50]
+    dense = predict(table, "pit_xs", parse_keep("1,1,1", get_model("pit_xs")))
+    assert p.total_ms < dense.total_ms
+    s = predict(table, "swin_t", parse_keep("0.5,0.25", get_model("swin_t")))
+    dense = predict(table, "swin_t", parse_keep("1,1", get_model("swin_t")))
+    assert s.total_ms < dense.total_ms and s.macs < dense.macs
+    # whole pruned models measured end to end against the prediction
+    from latprof.validate import validate
+
+    for model in ("pit_xs", "swin_t"):
+        v = validate(str(cfg), model, tmp_path / "h.csv", configs=2, progress=False, echo=lambda *a: None)
+        assert len(v.configs) == 2 and all(c.measured_ms > 0 and c.predicted_ms > 0 for c in v.configs)
+        assert all(0.3 < c.predicted_ms / c.measured_ms < 3 for c in v.configs)  # the same order of magnitude
