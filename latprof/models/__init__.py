@@ -68,6 +68,22 @@ class ModelSpec:
                          f"choose from {', '.join(u.name for u in self.units)}")
 
 
+def timm_model(timm_name: str):
+    """timm's definition with seeded random weights (latency does not depend on their values), in eval
+    mode, fused attention off everywhere (the ONNX exporter has no fused SDPA; the math is the same)."""
+    import torch
+
+    from latprof.errors import require
+
+    timm = require("timm", "models")
+    torch.manual_seed(0)
+    model = timm.create_model(timm_name, pretrained=False).eval()
+    for m in model.modules():
+        if hasattr(m, "fused_attn"):
+            m.fused_attn = False
+    return model
+
+
 _REGISTRY: dict[str, Callable[[], ModelSpec]] = {}
 
 

@@ -9,7 +9,7 @@ that remove the tokens are data movement left out of every unit (see `latprof.pr
 
 from __future__ import annotations
 
-from latprof.models import ModelSpec, Unit, register
+from latprof.models import ModelSpec, Unit, register, timm_model
 
 _DEIT = {
     "deit_t": ("deit_tiny_patch16_224", 192, 3),
@@ -45,16 +45,9 @@ def build(spec: ModelSpec):
 
     Weights are timm's seeded random initialisation: latency does not depend on their values.
     """
-    import torch
     from torch import nn
 
-    from latprof.errors import require
-
-    timm = require("timm", "models")
-    torch.manual_seed(0)
-    model = timm.create_model(spec.timm_name, pretrained=False).eval()
-    for block in model.blocks:
-        block.attn.fused_attn = False  # the ONNX exporter has no fused SDPA; the math is the same
+    model = timm_model(spec.timm_name)
 
     class PatchEmbed(nn.Module):
         """Image -> tokens: patch projection, class token, position embedding."""

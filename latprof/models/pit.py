@@ -12,7 +12,7 @@ whole grid) and ``head`` (fixed: norm and classifier of the class token only).
 
 from __future__ import annotations
 
-from latprof.models import ModelSpec, Unit, register
+from latprof.models import ModelSpec, Unit, register, timm_model
 from latprof.models.staged import Stage, StagedLayout
 
 _PIT = {
@@ -60,25 +60,11 @@ for _name in _PIT:
     register(_name)(lambda _n=_name: _spec(_n))
 
 
-def _timm_model(spec: ModelSpec):
-    import torch
-
-    from latprof.errors import require
-
-    timm = require("timm", "models")
-    torch.manual_seed(0)
-    model = timm.create_model(spec.timm_name, pretrained=False).eval()
-    for tr in model.transformers:
-        for blk in tr.blocks:
-            blk.attn.fused_attn = False  # the ONNX exporter has no fused SDPA; the math is the same
-    return model
-
-
 def build(spec: ModelSpec):
     """The timm model and, per shared key, a torch module for that unit (seeded random weights)."""
     from latprof.models import pit_nn
 
-    model = _timm_model(spec)
+    model = timm_model(spec.timm_name)
     return model, pit_nn.units(spec, model)
 
 
@@ -86,4 +72,4 @@ def pruned(spec: ModelSpec, kept):
     """The whole model pruned with `kept` patch tokens per location (static shapes, tokens removed)."""
     from latprof.models import pit_nn
 
-    return pit_nn.StaticPiT(_timm_model(spec), spec.layout, kept).eval()
+    return pit_nn.StaticPiT(timm_model(spec.timm_name), spec.layout, kept).eval()

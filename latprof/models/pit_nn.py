@@ -67,13 +67,24 @@ class Merge(nn.Module):
         return pruning.package_token(x[:, 1:], scores[:, 1:], x.new_ones(x.shape[0], x.shape[1] - 1))
 
 
-def sharpen(selectors) -> None:
-    """Well-separated keep scores for a latency model with random weights: no near-ties at a top-k
-    boundary, so every runtime removes the same tokens and outputs compare (latency is unchanged)."""
-    with torch.no_grad():
-        for sel in selectors:
-            for w in (sel.w_in, sel.w1, sel.w2, sel.w3):
-                w.normal_(0.0, 1.0)
+def location_selectors(layout) -> nn.ModuleList:
+    """One token selector per pruning location, sized for its stage (random weights: latency does not
+    depend on them)."""
+    torch.manual_seed(1)
+    return nn.ModuleList(pruning.TokenSelector(layout.stages[layout.location_stage(s)].dim,
+                                               layout.stages[layout.location_stage(s)].heads)
+                         for s in range(len(layout.locations)))
+
+
+def rank_key(n: int, seed: int) -> torch.Tensor:
+    """A fixed random order of n tokens, 100 apart, added to the selector's log-odds before the top-k.
+
+    With random weights the log-odds of hundreds of tokens saturate or nearly tie, and runtimes then keep
+    different tokens, so a whole model's outputs cannot be compared across runtimes. Added to this key,
+    the scores cannot reorder tokens: every runtime keeps the same, spatially scattered, set. The
+    selector, the top-k and the gathers all still run; which tokens are kept does not change the cost."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randperm(n, generator=g).to(torch.float32) * 100.0
 
 
 class StaticPiT(nn.Module):
@@ -88,11 +99,11 @@ class StaticPiT(nn.Module):
     def __init__(self, pit, layout, kept):
         super().__init__()
         self.pit, self.layout, self.kept = pit, layout, tuple(kept)
-        self.selectors = nn.ModuleList(
-            pruning.TokenSelector(layout.stages[layout.location_stage(s)].dim,
-                                  layout.stages[layout.location_stage(s)].heads) for s in range(len(kept)))
-        torch.manual_seed(1)
-        sharpen(self.selectors)
+        self.selectors = location_selectors(layout)
+        for s in range(len(kept)):  # candidates at location s: the stage's patches, or the previous location's kept
+            st = layout.location_stage(s)
+            first = s == 0 or layout.location_stage(s - 1) != st
+            self.register_buffer(f"rank_{s}", rank_key(layout.stages[st].patches if first else kept[s - 1], s))
 
     def forward(self, img):
         m, lay = self.pit, self.layout
@@ -115,7 +126,8 @@ class StaticPiT(nn.Module):
                     scores = self.selectors[s](tokens, torch.ones(1, n_tokens))
                     patches, patch_scores = tokens[:, 1:1 + n_active], scores[:, 1:1 + n_active]
                     # no sort of the indices: ONNX has none (torch exports it as a TopK of a traced size)
-                    top = patch_scores[0, :, 0].topk(self.kept[s]).indices
+                    odds = patch_scores[0, :, 0] - patch_scores[0, :, 1]
+                    top = (odds + getattr(self, f"rank_{s}")).topk(self.kept[s]).indices  # see rank_key
                     hit = (torch.arange(n_active)[:, None] == top[None, :]).to(tokens.dtype).sum(1)
                     dropped = (1.0 - hit)[None]  # [1, n_active]: 1 where pruned (no index_fill: see above)
                     grid = patches if active is None else _put(grid, active, patches, stage.dim)

@@ -13,7 +13,7 @@ shift: ``block.s3`` and ``block.s3.shift`` differ by the shift mask), ``downsamp
 
 from __future__ import annotations
 
-from latprof.models import ModelSpec, Unit, register
+from latprof.models import ModelSpec, Unit, register, timm_model
 from latprof.models.staged import Stage, StagedLayout
 
 _SWIN = {
@@ -70,21 +70,11 @@ for _name in _SWIN:
     register(_name)(lambda _n=_name: _spec(_n))
 
 
-def _timm_model(spec: ModelSpec):
-    import torch
-
-    from latprof.errors import require
-
-    timm = require("timm", "models")
-    torch.manual_seed(0)
-    return timm.create_model(spec.timm_name, pretrained=False).eval()
-
-
 def build(spec: ModelSpec):
     """The timm model and, per shared key, a torch module for that unit (seeded random weights)."""
     from latprof.models import swin_nn
 
-    model = _timm_model(spec)
+    model = timm_model(spec.timm_name)
     return model, swin_nn.units(spec, model)
 
 
@@ -92,4 +82,4 @@ def pruned(spec: ModelSpec, kept):
     """The whole model pruned with `kept` tokens per window per location (static shapes)."""
     from latprof.models import swin_nn
 
-    return swin_nn.StaticSwin(_timm_model(spec), spec.layout, kept).eval()
+    return swin_nn.StaticSwin(timm_model(spec.timm_name), spec.layout, kept).eval()

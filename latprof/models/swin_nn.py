@@ -6,8 +6,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from latprof.models.pit_nn import Selector, sharpen
-from latprof.train import pruning
+from latprof.models.pit_nn import Selector, location_selectors, rank_key
 
 WINDOW = 7
 
@@ -87,11 +86,10 @@ class StaticSwin(nn.Module):
     def __init__(self, swin, layout, kept):
         super().__init__()
         self.swin, self.layout, self.kept = swin, layout, tuple(kept)
-        self.selectors = nn.ModuleList(
-            pruning.TokenSelector(layout.stages[layout.location_stage(s)].dim,
-                                  layout.stages[layout.location_stage(s)].heads) for s in range(len(kept)))
-        torch.manual_seed(1)
-        sharpen(self.selectors)
+        self.selectors = location_selectors(layout)
+        for s in range(len(kept)):
+            stage = layout.stages[layout.location_stage(s)]
+            self.register_buffer(f"rank_{s}", rank_key(stage.patches, s).reshape(1, stage.grid, stage.grid, 1))
         area = WINDOW * WINDOW
         self.downsample = nn.ModuleList(
             Downsample(swin.layers[i].downsample, layout.stages[i - 1].grid, layout.stages[i - 1].dim)
@@ -144,8 +142,9 @@ class StaticSwin(nn.Module):
                     s = lay.locations.index(b)
                     k = self.kept[s]
                     tokens = x.reshape(1, stage.patches, stage.dim)
-                    keep = self.selectors[s](tokens, tokens.new_ones(1, stage.patches))[..., 0]
-                    score = keep.reshape(1, stage.grid, stage.grid, 1)
+                    scores = self.selectors[s](tokens, tokens.new_ones(1, stage.patches))
+                    odds = (scores[..., 0] - scores[..., 1]).reshape(1, stage.grid, stage.grid, 1)
+                    score = odds + getattr(self, f"rank_{s}")  # no near-ties across runtimes (pit_nn.rank_key)
                 if score is None or k == stage.window:
                     x = self._dense_block(st, j, blk, x, stage.grid)
                 else:
