@@ -397,11 +397,15 @@ def _dim(spec) -> int:
 
 
 def format_validation(v: ValidationResult) -> str:
-    lines = [f"  {'#':>3s} {'kept patches':16s} {'predicted':>10s} {'measured':>10s} {'error':>7s}  {'sum of units':>12s}"
+    from latprof.models import get_model
+
+    kept = getattr(get_model(v.model).layout, "kept_label", "kept patches")
+    w = max(16, len(kept))
+    lines = [f"  {'#':>3s} {kept:{w}s} {'predicted':>10s} {'measured':>10s} {'error':>7s}  {'sum of units':>12s}"
              f"  {'drift':>6s} {'error vs drift-corrected':>24s}"]
     for c in v.configs:
         d = f"{c.drift:6.3f} {c.predicted_ms / c.corrected_ms - 1:+24.1%}" if c.drift else f"{'-':>6s} {'-':>24s}"
-        lines.append(f"  {c.index:3d} {str(c.kept):16s} {c.predicted_ms:10.3f} {c.measured_ms:10.3f} {c.error:+7.1%}  "
+        lines.append(f"  {c.index:3d} {str(c.kept):{w}s} {c.predicted_ms:10.3f} {c.measured_ms:10.3f} {c.error:+7.1%}  "
                      f"{c.sum_ms:12.3f}  {d}")
     lines.append(v.summary())
     if v.has_drift:

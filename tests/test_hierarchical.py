@@ -219,9 +219,10 @@ def test_measure_table_and_predict_pit_and_swin_on_local(workdir, tmp_path, one_
     dense = predict(table, "swin_t", parse_keep("1,1", get_model("swin_t")))
     assert s.total_ms < dense.total_ms and s.macs < dense.macs
     # whole pruned models measured end to end against the prediction
-    from latprof.validate import validate
+    from latprof.validate import format_validation, validate
 
     for model in ("pit_xs", "swin_t"):
         v = validate(str(cfg), model, tmp_path / "h.csv", configs=2, progress=False, echo=lambda *a: None)
         assert len(v.configs) == 2 and all(c.measured_ms > 0 and c.predicted_ms > 0 for c in v.configs)
         assert all(0.3 < c.predicted_ms / c.measured_ms < 3 for c in v.configs)  # the same order of magnitude
+        assert ("kept tokens per window" in format_validation(v)) == (model == "swin_t")
