@@ -161,7 +161,8 @@ def _register_optional():
 
     for module, attr in (("latprof.check.cli", "check"), ("latprof.train.cli", "train"),
                          ("latprof.train.cli", "export"), ("latprof.predict_cli", "predict"),
-                         ("latprof.predict_cli", "validate"), ("latprof.predict_cli", "plot")):
+                         ("latprof.predict_cli", "validate"), ("latprof.predict_cli", "plot"),
+                         ("latprof.predict_cli", "solve")):
         try:
             mod = importlib.import_module(module)
         except ModuleNotFoundError as exc:

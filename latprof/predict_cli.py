@@ -92,3 +92,52 @@ def plot(luts, model, out):
 
     path = plot_tables([read_lut(p) for p in luts], out, model)
     click.echo(f"wrote {path}")
+
+
+@click.command()
+@click.option("--lut", "lut", required=True, type=click.Path(path_type=Path), help="Lookup table (luts/<device>.csv).")
+@click.option("--model", required=True, help="Model name (see `latprof models`).")
+@click.option("--budget", required=True, help="Latency budget in milliseconds, e.g. 26ms.")
+@click.option("--engine", default=None, help="Rows of this engine, when the table holds several.")
+@click.option("--every-count", is_flag=True, help="Consider every kept count, not only the table's measured grid.")
+def solve(lut, model, budget, engine, every_count):
+    """The token schedule that keeps the most tokens within a latency budget (`latprof train`'s
+    keep-ratio solver, exact over the table's grid), with its predicted latency and MACs."""
+    import math
+
+    from latprof.errors import InfeasibleError
+    from latprof.lut.table import read_lut
+    from latprof.models import get_model
+    from latprof.predict import _depth, format_prediction, model_macs, predict as run, read_overhead
+    from latprof.train.cli import parse_budget
+    from latprof.train.solver import solve_staged, solve_table
+
+    spec = get_model(model)
+    ms = parse_budget(budget)
+    table = read_lut(lut)
+    if engine:
+        table = table.for_engine(engine)
+    overhead = read_overhead(lut, table)
+    # with an overhead sidecar the budget is on the corrected prediction, which grows with the plain sum
+    # of units the solver adds up: the same budget on that sum is the inverse of Overhead.apply
+    calls = len(spec.units)
+    sum_budget = ms if overhead is None else \
+        (ms - overhead.residual_ms) / overhead.scale + (calls - 1) * overhead.per_call_ms
+
+    def solver(budget_ms):
+        if spec.layout is not None:
+            return solve_staged(table, spec, budget_ms, every_count)
+        return solve_table(table, model, budget_ms, spec.max_tokens - 1, spec.pruning_locations, _depth(spec), every_count)
+
+    if overhead is not None:  # an infeasible budget is reported in corrected terms
+        fastest = overhead.apply(solver(math.inf).fastest_ms, calls)
+        if ms < fastest:
+            raise InfeasibleError(f"budget {ms:g} ms is below the fastest {model} schedule on the table ({fastest:.4g} ms "
+                                  "with the overhead correction)", f"raise --budget to at least {fastest:.4g} ms")
+    r = solver(sum_budget)
+    click.echo(f"budget {ms:g} ms" + (f" (a sum of units of {sum_budget:.4g} ms after the overhead correction)" if overhead else "")
+               + f": kept {list(r.kept)}, sum of units {r.latency_ms:.4g} ms (fastest on the table {r.fastest_ms:.4g} ms"
+               + (f", least pruning {r.dense_ms:.4g} ms)" if r.dense_ms else ")"))
+    p = run(table, model, r.schedule, overhead)
+    click.echo(format_prediction(p, breakdown=False))
+    click.echo(f"dense {model}: {model_macs(spec) / 1e9:.3f} GMACs; this schedule {p.macs / model_macs(spec):.1%} of it")

@@ -226,3 +226,102 @@ def test_measure_table_and_predict_pit_and_swin_on_local(workdir, tmp_path, one_
         assert len(v.configs) == 2 and all(c.measured_ms > 0 and c.predicted_ms > 0 for c in v.configs)
         assert all(0.3 < c.predicted_ms / c.measured_ms < 3 for c in v.configs)  # the same order of magnitude
         assert ("kept tokens per window" in format_validation(v)) == (model == "swin_t")
+
+
+# -- the keep-ratio solver for hierarchical models ----------------------------------------------------
+def staged_table(model: str, seed: int = 0):
+    """A synthetic table for every unit of `model` on its default grid: a + b N + c N^2 per graph."""
+    import numpy as np
+    import pandas as pd
+
+    from latprof.lut.table import COLUMNS, LutTable
+
+    spec, rng, rows, coef = get_model(model), np.random.default_rng(seed), [], {}
+    for u in spec.units:
+        a, b, c = coef.setdefault(u.shared, (rng.uniform(0.01, 0.1), rng.uniform(1e-3, 5e-3), rng.uniform(0, 2e-5)))
+        for n in [u.fixed_tokens] if u.kind == "fixed" else default_grid(spec.unit_max(u)):
+            med = a + b * n + c * n * n
+            rows.append(dict(model=model, unit=u.name, kind=u.kind, position=u.position, tokens=n, median_ms=med,
+                             q1_ms=med, q3_ms=med, ci_low_ms=med, ci_high_ms=med, n_samples=3, engine="onnxruntime",
+                             tuning="none", graph=f"{u.shared}-g", samples_ms=f"{med:.6g}"))
+    return LutTable(pd.DataFrame(rows)[COLUMNS], {"device": "synthetic"})
+
+
+def brute_force(table, spec):
+    """(predicted ms, information, kept) of every combination of grid kept counts that the schedule's
+    own rules accept, with latprof.predict's sum of units."""
+    import itertools
+
+    lay = spec.layout
+    grids = []
+    for s, loc in enumerate(lay.locations):
+        ns = table.curve(spec.name, f"blocks.{loc}")[0]
+        grids.append(sorted({lay.kept_for(s, int(n)) for n in ns if 1 <= lay.kept_for(s, int(n)) <= lay.limit(s)}))
+    out = []
+    for kept in itertools.product(*grids):
+        try:
+            sched = lay.schedule(kept)
+        except UsageError:
+            continue  # increases within a stage
+        info = sum(kept[lay.unit_location(f"blocks.{b}")] * lay.stages[lay.stage_index(b)].windows
+                   for b in range(lay.depth) if lay.unit_location(f"blocks.{b}") is not None)
+        out.append((predict(table, spec.name, sched).sum_ms, info, kept))
+    return out
+
+
+def best_within(points, budget):
+    ok = [p for p in points if p[0] <= budget + 1e-9]  # the solver sums in another order: rounding
+    return max(ok, key=lambda p: (p[1], -p[0]))
+
+
+@pytest.mark.parametrize("model", ["pit_xs", "swin_t", "swin_s"])
+def test_staged_solver_matches_brute_force(model):
+    from latprof.train.solver import solve_staged
+
+    spec, table = get_model(model), staged_table(model)
+    fastest = solve_staged(table, spec, 1e9).fastest_ms
+    top = solve_staged(table, spec, 1e9).latency_ms
+    points = brute_force(table, spec)
+    for budget in [fastest, fastest + 0.3 * (top - fastest), fastest + 0.7 * (top - fastest), top]:
+        r = solve_staged(table, spec, budget)
+        lat, info, kept = best_within(points, budget)
+        assert (r.kept, r.information) == (kept, info) and abs(r.latency_ms - lat) < 1e-9
+        assert abs(predict(table, model, r.schedule).sum_ms - r.latency_ms) < 1e-9
+
+
+def test_staged_solver_refuses_an_impossible_budget_naming_the_fastest():
+    from latprof.errors import InfeasibleError
+    from latprof.train.solver import solve_staged
+
+    spec, table = get_model("pit_xs"), staged_table("pit_xs")
+    fastest = solve_staged(table, spec, 1e9).fastest_ms
+    with pytest.raises(InfeasibleError, match=f"{fastest:.4g} ms"):
+        solve_staged(table, spec, fastest * 0.9)
+
+
+def test_solve_cli_meets_the_budget_with_and_without_the_overhead_sidecar(tmp_path):
+    from click.testing import CliRunner
+
+    from latprof.cli import main
+    from latprof.lut.table import write_lut
+    from latprof.predict import Overhead, write_overhead
+    from latprof.train.synthetic import synthetic_table
+
+    for model, table in (("pit_xs", staged_table("pit_xs")), ("deit_t", synthetic_table(tokens=range(2, 200), selectors=True))):
+        path = tmp_path / f"{model}.csv"
+        write_lut(table, path)
+        out = CliRunner().invoke(main, ["solve", "--lut", str(path), "--model", model, "--budget", "1000ms"])
+        assert out.exit_code == 0, out.output
+        loose = float(out.output.split("sum of units ")[1].split(" ms")[0])
+        budget = 0.8 * loose
+        out = CliRunner().invoke(main, ["solve", "--lut", str(path), "--model", model, "--budget", f"{budget}ms"])
+        assert out.exit_code == 0 and float(out.output.split("predicted latency ")[1].split(" ms")[0]) <= budget
+        # with a sidecar the corrected prediction, not the plain sum, meets the budget
+        write_overhead(path, Overhead(per_call_ms=0.001, scale=1.2, n_configs=3, engine=table.engine,
+                                     tuning=str(table.frame["tuning"].iloc[0])))
+        budget *= 1.2  # feasible: the plain-sum schedule above, corrected
+        out = CliRunner().invoke(main, ["solve", "--lut", str(path), "--model", model, "--budget", f"{budget}ms"])
+        assert out.exit_code == 0 and "overhead correction" in out.output, out.output
+        assert float(out.output.split("predicted latency ")[1].split(" ms")[0]) <= budget
+        out = CliRunner().invoke(main, ["solve", "--lut", str(path), "--model", model, "--budget", "0.001ms"])
+        assert out.exit_code == 2 and "below the fastest" in out.output and "Traceback" not in out.output

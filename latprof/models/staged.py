@@ -181,6 +181,25 @@ class StagedLayout:
             return sched.kept[s]
         return self.cls + sched.kept[s] + (len(passed) if self.package else 0)
 
+    def unit_location(self, unit: str) -> int | None:
+        """The pruning location whose kept count sets this unit's N (None: the unit's N is fixed)."""
+        kind, _, idx = unit.partition(".")
+        if kind == "blocks":
+            b = int(idx)
+            st = self.stage_index(b)
+            passed = [s for s, loc in enumerate(self.locations) if loc <= b and self.location_stage(s) == st]
+            return passed[-1] if passed else None
+        if kind in ("selector", "merge") and not self.stages[self.location_stage(int(idx) - 1)].window:
+            s = int(idx) - 1  # PiT: it sees the N arriving, set by the previous location of its stage
+            return s - 1 if s and self.location_stage(s - 1) == self.location_stage(s) else None
+        return None
+
+    def kept_for(self, s: int, n: int) -> int:
+        """The kept count at location s that gives its blocks N tokens (inverse of the block N rule)."""
+        if self.stages[self.location_stage(s)].window:
+            return n
+        return n - self.cls - (self.rank_in_stage(s) if self.package else 0)
+
     def unit_tokens(self, spec, sched: StagedSchedule) -> dict[str, int]:
         """N of every unit of `spec` under `sched` (fixed units at their own N)."""
         blocks = self.block_tokens(sched)

@@ -10,6 +10,7 @@ previous stage's counts enforces monotonicity.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -117,3 +118,95 @@ def solve_table(table, model: str, budget_ms: float, patches: int, locations, de
                 every_count: bool = False) -> SolverResult:
     """Convenience: LatencyModel from a LutTable, then `solve`."""
     return solve(LatencyModel.from_table(table, model, patches, locations, depth), budget_ms, every_count)
+
+
+# -- hierarchical models (latprof.models.staged) ------------------------------------------------------
+def solve_staged(table, spec, budget_ms: float, every_count: bool = False) -> SolverResult:
+    """The keep-ratio solver for PiT and Swin: kept counts per location (non-increasing within a stage,
+    every stage starting dense) that process the most tokens (kept x windows x blocks they run through)
+    within `budget_ms` of predicted latency (the table's sum over units, as `latprof predict`).
+
+    Exact over the candidates (each location's block graph's measured counts, or every count): the
+    predicted latency is separable by location (a unit's N depends on one location's kept count, see
+    `StagedLayout.unit_location`), so a dynamic program over locations keeps, per last kept count where
+    the next location shares its stage, the Pareto front of (latency, information)."""
+    lay, model = spec.layout, spec.name
+    table_units = set(table.units(model))
+    missing = [u.name for u in spec.units if u.name not in table_units]
+    if missing:
+        raise LutError(f"table has no rows for {model} units {missing[:4]}", f"measure them: latprof measure --model {model}")
+
+    def unit_ms(unit: str, n: int) -> float:
+        lo, hi = table.token_range(model, unit) if table.kind(model, unit) == "tokens" else (n, n)
+        return table.latency_ms(model, unit, n) if lo <= n <= hi else math.inf
+
+    L = len(lay.locations)
+
+    def probe(s: int, k: int):
+        """A valid schedule with k at location s (others at their extremes): units of location s read k."""
+        st = lay.location_stage(s)
+        return lay.schedule([k if t == s else (lay.limit(t) if t < s and lay.location_stage(t) == st else 1)
+                             for t in range(L)])
+
+    fixed_n = lay.unit_tokens(spec, probe(0, 1))
+    base = sum(unit_ms(u, n) for u, n in fixed_n.items() if lay.unit_location(u) is None)
+    if math.isinf(base):
+        raise LutError(f"{model}: a unit's dense token count is outside the table's measured range",
+                       f"measure {model} on its default grid (latprof measure --model {model})")
+    deps = {s: [u.name for u in spec.units if lay.unit_location(u.name) == s] for s in range(L)}
+
+    def cost(s: int, k: int) -> tuple[float, int]:
+        """Predicted ms of the units location s sets, and the tokens its blocks process."""
+        ns = lay.unit_tokens(spec, probe(s, k))
+        blocks = sum(1 for u in deps[s] if u.startswith("blocks."))
+        return sum(unit_ms(u, ns[u]) for u in deps[s]), k * lay.stages[lay.location_stage(s)].windows * blocks
+
+    cands = []
+    for s in range(L):
+        if every_count:
+            ks = range(1, lay.limit(s) + 1)
+        else:
+            first_block = next(u for u in deps[s] if u.startswith("blocks."))
+            ks = sorted({lay.kept_for(s, int(n)) for n in table.curve(model, first_block)[0]})
+        ks = [k for k in ks if 1 <= k <= lay.limit(s) and not math.isinf(cost(s, k)[0])]
+        if not ks:
+            raise LutError(f"{model}: no measured token count fits pruning location {s + 1} (before block "
+                           f"{lay.locations[s]})", f"measure {model} on its default grid")
+        cands.append([(k, *cost(s, k)) for k in ks])
+
+    def run(limit: float):
+        fronts = {None: [(base, 0, ())]}
+        for s, options in enumerate(cands):
+            same_prev = s and lay.location_stage(s - 1) == lay.location_stage(s)
+            shares_next = s + 1 < len(cands) and lay.location_stage(s + 1) == lay.location_stage(s)
+            grown: dict = {}
+            for key, front in fronts.items():
+                for k, ms, info in options:
+                    if same_prev and k > key:
+                        continue  # non-increasing within a stage
+                    for lat, inf_, kept in front:
+                        if lat + ms <= limit:
+                            grown.setdefault(k if shares_next else None, []).append((lat + ms, inf_ + info, kept + (k,)))
+            fronts = {key: _pareto(v) for key, v in grown.items()}
+        return [p for front in fronts.values() for p in front]
+
+    everything = run(math.inf)
+    fastest = min(p[0] for p in everything)
+    ok = [p for p in everything if p[0] <= budget_ms]
+    if not ok:
+        raise InfeasibleError(f"budget {budget_ms:g} ms is below the fastest {model} schedule on the table ({fastest:.4g} ms)",
+                              f"raise --budget to at least {fastest:.4g} ms or measure a faster device")
+    lat, info, kept = max(ok, key=lambda p: (p[1], -p[0]))
+    dense_kept = [lay.limit(s) for s in range(len(cands))]
+    dense = next((p[0] for p in everything if list(p[2]) == dense_kept), None)
+    return SolverResult(tuple(kept), lat, info, fastest, dense, lay.schedule(kept))
+
+
+def _pareto(points: list[tuple]) -> list[tuple]:
+    """(latency, information, kept) points not beaten on both: less or equal latency with more information."""
+    out, best = [], -1
+    for p in sorted(points, key=lambda p: (p[0], -p[1])):
+        if p[1] > best:
+            out.append(p)
+            best = p[1]
+    return out
