@@ -325,3 +325,50 @@ def test_solve_cli_meets_the_budget_with_and_without_the_overhead_sidecar(tmp_pa
         assert float(out.output.split("predicted latency ")[1].split(" ms")[0]) <= budget
         out = CliRunner().invoke(main, ["solve", "--lut", str(path), "--model", model, "--budget", "0.001ms"])
         assert out.exit_code == 2 and "below the fastest" in out.output and "Traceback" not in out.output
+
+
+# -- SPViT on PiT (training modes) -------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def pit_spvit():
+    from latprof.models import timm_model
+    from latprof.train.staged import StagedSPViT
+
+    spec = get_model("pit_xs")
+    torch.manual_seed(0)
+    return StagedSPViT(timm_model(spec.timm_name), spec.layout)
+
+
+def test_pit_masking_and_real_removal_agree(pit_spvit, one_torch_thread):
+    m = pit_spvit.eval()
+    with torch.no_grad():
+        for sel in m.selectors:  # decisive scores: no ties at the top-k boundary
+            for w in (sel.w_in, sel.w1, sel.w2, sel.w3):
+                w.normal_(0.0, 0.3)
+        img = torch.randn(2, 3, 224, 224)
+        masked = m(img, mode="topk-mask", kept=(300, 100, 20))
+        removed = m(img, mode="topk", kept=(300, 100, 20))
+    assert torch.allclose(masked.logits, removed.logits, atol=1e-4)
+    assert [int(k.sum(1)[0]) for k in masked.policy] == [300, 100, 20]
+    # pruning changes the result (the decisions matter)
+    with torch.no_grad():
+        other = m(img, mode="topk", kept=(30, 10, 2)).logits
+    assert not torch.allclose(other, removed.logits, atol=1e-3)
+
+
+def test_pit_gumbel_training_steps_lower_the_loss_and_reach_the_selectors(pit_spvit, one_torch_thread):
+    m = pit_spvit.train()
+    torch.manual_seed(0)
+    img, target = torch.randn(4, 3, 224, 224), torch.tensor([1, 2, 3, 4])
+    opt = torch.optim.AdamW(m.parameters(), lr=1e-3)
+    losses = []
+    for _ in range(4):
+        out = m(img, mode="gumbel")
+        # cross-entropy plus a push toward keeping half of each stage: both must train
+        ratio = sum(((p.sum(1) / p.shape[1]) - 0.5).pow(2).mean() for p in out.keep_prob)
+        loss = torch.nn.functional.cross_entropy(out.logits, target) + ratio
+        opt.zero_grad()
+        loss.backward()
+        losses.append(loss.item())
+        assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in m.selectors[0].parameters() if p.requires_grad)
+        opt.step()
+    assert losses[-1] < losses[0]
