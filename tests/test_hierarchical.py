@@ -372,3 +372,26 @@ def test_pit_gumbel_training_steps_lower_the_loss_and_reach_the_selectors(pit_sp
         assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in m.selectors[0].parameters() if p.requires_grad)
         opt.step()
     assert losses[-1] < losses[0]
+
+
+def test_swin_masking_and_real_removal_agree_per_window(one_torch_thread):
+    from latprof.models import timm_model
+    from latprof.train.staged import StagedSPViT
+
+    spec = get_model("swin_t")
+    torch.manual_seed(0)
+    m = StagedSPViT(timm_model(spec.timm_name), spec.layout).eval()
+    img = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        for sel in m.selectors:
+            for w in (sel.w_in, sel.w1, sel.w2, sel.w3):
+                w.normal_(0.0, 0.3)
+        masked = m(img, mode="topk-mask", kept=(30, 20)).logits
+        removed = m(img, mode="topk", kept=(30, 20)).logits
+        assert torch.allclose(masked, removed, atol=1e-4)
+        assert torch.allclose(m(img, mode="topk", kept=(49, 49)).logits, m.backbone(img), atol=1e-4)  # keep all = timm
+    m.train()
+    out = m(img, mode="gumbel")
+    out.logits.square().mean().backward()
+    assert len(out.policy) == 2 and all(p.shape == (2, 196) for p in out.policy)
+    assert m.selectors[0].w1.grad is not None and m.selectors[0].w1.grad.abs().sum() > 0

@@ -1,30 +1,34 @@
-"""SPViT for PiT (hierarchical, `latprof.models.staged`'s definition): token selectors at per-stage
-pruning locations, package tokens that live until the end of their stage, pruned tokens that bypass the
-rest of their stage and are back in the grid at the pooling.
+"""SPViT for hierarchical ViTs (`latprof.models.staged`'s definitions), with token selectors at per-stage
+pruning locations:
+- PiT: package tokens that live until the end of their stage; pruned tokens bypass the rest of their
+  stage and are back in the grid at the pooling.
+- Swin: the selector scores the stage's grid once per location; in every later block of the stage each
+  window processes its tokens that are kept (training: a Gumbel decision per token; static: that block's
+  window's top-k by score, shifted windows choosing their own); the others bypass the block.
 
 Modes as in `latprof.train.spvit`: ``gumbel`` (training), ``threshold``, ``topk-mask`` (static counts,
 masking) and ``topk`` (static counts, tokens really removed; what is deployed). Masking and removal
 compute the same thing for the same kept set: a pruned token is a dead key in attention and its own
 value is carried past the block unchanged, exactly what removing it and writing it back does.
 
-Not yet here: Swin (per-window decisions), and the wiring into `latprof train`.
+Not yet here: the wiring into `latprof train` (its latency model and loss are DeiT's).
 """
 
 from __future__ import annotations
 
 import torch
+from timm.models.swin_transformer import window_partition, window_reverse
 from torch import nn
 
+from latprof.models.swin_nn import window_block
 from latprof.train import pruning
 from latprof.train.spvit import MODES, SPViTOutput, masked_block
 
 
 class StagedSPViT(nn.Module):
-    def __init__(self, pit: nn.Module, layout, kept=None, tau: float = 1.0):
+    def __init__(self, backbone: nn.Module, layout, kept=None, tau: float = 1.0):
         super().__init__()
-        if layout.family != "pit":
-            raise ValueError(f"StagedSPViT covers PiT so far, not {layout.family}")
-        self.pit, self.layout, self.tau = pit, layout, tau
+        self.backbone, self.layout, self.tau = backbone, layout, tau
         self.kept = tuple(kept) if kept is not None else None
         self.selectors = nn.ModuleList(
             pruning.TokenSelector(layout.stages[layout.location_stage(s)].dim, layout.stages[layout.location_stage(s)].heads)
@@ -37,7 +41,9 @@ class StagedSPViT(nn.Module):
         kept = tuple(kept) if kept is not None else self.kept
         if mode.startswith("topk") and kept is None:
             raise ValueError("top-k modes need kept counts per location")
-        m = self.pit
+        if self.layout.family == "swin":
+            return self._forward_swin(images, mode, kept)
+        m = self.backbone
         x = m.patch_embed(images) + m.pos_embed
         cls = m.cls_token.expand(x.shape[0], -1, -1)
         probs, keeps = [], []
@@ -104,6 +110,94 @@ class StagedSPViT(nn.Module):
             grid = _put(grid, active, tokens[:, 1:1 + n_active])
             tokens = torch.cat([tokens[:, :1], grid], dim=1)
         return tokens
+
+
+    # -- Swin ------------------------------------------------------------------------------------------
+    def _forward_swin(self, images, mode, kept):
+        m, lay = self.backbone, self.layout
+        x = m.patch_embed(images)                                       # [B, H, W, C]
+        probs, keeps = [], []
+        for st, stage in enumerate(lay.stages):
+            layer = m.layers[st]
+            x = layer.downsample(x)
+            odds, keep, k = None, None, None
+            for b, blk in zip(stage.blocks, layer.blocks):
+                if b in lay.locations:
+                    s = lay.locations.index(b)
+                    B, H, W, C = x.shape
+                    ones = x.new_ones(B, H * W)
+                    scores = self.selectors[s](x.reshape(B, H * W, C), ones)
+                    odds = (scores[..., 0] - scores[..., 1]).reshape(B, H, W, 1)
+                    k = kept[s] if kept is not None else None
+                    if mode == "gumbel":
+                        keep = pruning.gumbel_keep(scores, ones, self.tau).reshape(B, H, W, 1)
+                    elif mode == "threshold":
+                        keep = pruning.threshold_keep(scores, ones).reshape(B, H, W, 1)
+                    probs.append(scores[..., 0].exp())
+                    if keep is not None:
+                        keeps.append(keep.reshape(B, -1))
+                if odds is None:
+                    x = blk(x)
+                elif mode == "topk":
+                    x = _window_removal(blk, x, odds, k)
+                else:
+                    policy = keep if keep is not None else _window_topk(blk, odds, k)
+                    x = _window_masked(blk, x, policy)
+        return SPViTOutput(m.forward_head(m.norm(x)), probs, keeps)
+
+
+def _windows(blk, t):
+    """[B, H, W, C] -> [B * windows, 49, C] in this block's (shifted) windows."""
+    shift = blk.shift_size
+    if any(shift):
+        t = torch.roll(t, (-shift[0], -shift[1]), (1, 2))
+    return window_partition(t, blk.window_size).reshape(-1, blk.window_area, t.shape[-1])
+
+
+def _grid(blk, w, H, W):
+    """The inverse of `_windows`."""
+    t = window_reverse(w.reshape(-1, *blk.window_size, w.shape[-1]), blk.window_size, H, W)
+    return torch.roll(t, blk.shift_size, (1, 2)) if any(blk.shift_size) else t
+
+
+def _shift_mask(blk, batch):
+    """timm's shift mask [windows, 49, 49] per image of the batch: [B * windows, 1, 49, 49] (or None)."""
+    return None if blk.attn_mask is None else blk.attn_mask.repeat(batch, 1, 1)[:, None]
+
+
+def _window_topk(blk, odds, k):
+    """A static policy [B, H, W, 1]: in each of this block's windows, its k best tokens."""
+    B, H, W, _ = odds.shape
+    so = _windows(blk, odds)[..., 0]
+    pw = torch.zeros_like(so).scatter(1, so.topk(k, dim=1).indices, 1.0)
+    return _grid(blk, pw[..., None], H, W)
+
+
+def _window_masked(blk, x, policy):
+    """The block with dead keys masked in every window; a dead token bypasses it."""
+    B, H, W, C = x.shape
+    w, pw = _windows(blk, x), _windows(blk, policy)[..., 0]
+    bias = blk.attn._get_rel_pos_bias() + pruning.attention_bias(pw)   # [B*windows, heads, 49, 49]
+    y = window_block(blk, w, bias, _shift_mask(blk, B))
+    return _grid(blk, w + pw[..., None] * (y - w), H, W)
+
+
+def _window_removal(blk, x, odds, k):
+    """The block on each window's k best tokens only (gathered; bias and shift mask gathered with them),
+    written back in place."""
+    B, H, W, C = x.shape
+    w, so = _windows(blk, x), _windows(blk, odds)[..., 0]
+    idx = so.topk(k, dim=1).indices                                                  # [B*windows, k]
+    area = blk.window_area
+    pair = (idx[:, :, None] * area + idx[:, None, :]).reshape(idx.shape[0], -1)     # [B*windows, k*k]
+    table = blk.attn._get_rel_pos_bias()[0].reshape(-1, area * area)                 # [heads, 49*49]
+    bias = table[:, pair.reshape(-1)].reshape(-1, idx.shape[0], k, k).transpose(0, 1)
+    mask = _shift_mask(blk, B)
+    if mask is not None:
+        mask = mask.reshape(-1, area * area).gather(1, pair).reshape(-1, 1, k, k)
+    take = idx[..., None].expand(-1, -1, C)
+    y = window_block(blk, w.gather(1, take), bias, mask)
+    return _grid(blk, w.scatter(1, take, y), H, W)
 
 
 def _put(grid: torch.Tensor, idx: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
