@@ -147,9 +147,6 @@ def test_default_grids_scale_with_each_units_range():
         parse_tokens("100,730", spec)
 
 
-def test_training_refuses_hierarchical_models_with_a_fix():
-    with pytest.raises(UsageError, match="not yet trained"):
-        get_model("swin_t").require_flat("train")
 
 
 def test_static_pit_pruned_tokens_bypass_the_rest_of_their_stage(one_torch_thread):
@@ -395,3 +392,46 @@ def test_swin_masking_and_real_removal_agree_per_window(one_torch_thread):
     out.logits.square().mean().backward()
     assert len(out.policy) == 2 and all(p.shape == (2, 196) for p in out.policy)
     assert m.selectors[0].w1.grad is not None and m.selectors[0].w1.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("model", ["pit_xs", "swin_t"])
+def test_latprof_train_runs_spvit_on_hierarchical_models(model, tmp_path, one_torch_thread):
+    """The training command end to end on generated images: the solver's schedule for the budget, Gumbel
+    training steps with the latency-sparsity loss, evaluation with tokens really removed, a checkpoint."""
+    import json
+
+    import numpy as np
+    from click.testing import CliRunner
+    from PIL import Image
+
+    from latprof.lut.table import write_lut
+    from latprof.train.cli import export, train
+    from latprof.train.solver import solve_staged
+
+    rng = np.random.default_rng(0)
+    for split, count in (("train", 4), ("val", 2)):
+        for c in range(2):
+            d = tmp_path / "data" / split / f"c{c}"
+            d.mkdir(parents=True)
+            for i in range(count):
+                Image.fromarray((rng.random((32, 32, 3)) * 255).astype(np.uint8)).save(d / f"{i}.png")
+    table = staged_table(model)
+    write_lut(table, tmp_path / "lut.csv")
+    spec = get_model(model)
+    fastest, top = solve_staged(table, spec, 1e9).fastest_ms, solve_staged(table, spec, 1e9).latency_ms
+    budget = fastest + 0.5 * (top - fastest)
+    out = tmp_path / "run"
+    args = ["--lut", str(tmp_path / "lut.csv"), "--budget", f"{budget}ms", "--data", str(tmp_path / "data"),
+            "--out", str(out), "--model", model, "--batch-size", "2", "--workers", "0", "--no-progress",
+            "--random-init", "--epochs", "1", "--max-steps", "2"]
+    res = CliRunner().invoke(train, args, catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    sched = json.loads((out / "schedule.json").read_text())
+    assert tuple(sched["kept"]) == solve_staged(table, spec, budget).kept and sched["predicted_ms"] <= budget
+    (record,) = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert record["expected_ms"] > 0 and 0.0 <= record["val_acc"] <= 1.0
+    # wrong settings for a hierarchical model, and export, say what to do
+    bad = CliRunner().invoke(train, args[:-6] + ["--locations", "1,2,3", "--out", str(tmp_path / "x")])
+    assert bad.exit_code != 0 and "fixed by" in str(bad.exception)
+    res = CliRunner().invoke(export, ["--checkpoint", str(out / "last.pt"), "--out", str(tmp_path / "m.onnx")])
+    assert res.exit_code != 0 and "DeiT checkpoints so far" in str(res.exception)

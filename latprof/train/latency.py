@@ -30,6 +30,7 @@ class UnitCurve:
     stage: int
     tokens: np.ndarray   # ascending N
     median: np.ndarray   # ms
+    offset: float | None = None  # hierarchical models: N = offset + kept of the stage (DeiT: 1 + k + stage)
 
 
 @dataclass
@@ -42,6 +43,36 @@ class LatencyModel:
     depth: int
     fixed_ms: float
     curves: list[UnitCurve] = field(default_factory=list)
+    # hierarchical models (from_staged): per pruning location, what a kept count is a share of (the
+    # stage's patches, or a window's tokens) and how many windows share it (keep decisions per token)
+    whole: tuple[int, ...] | None = None
+    windows: tuple[int, ...] | None = None
+
+    @classmethod
+    def from_staged(cls, table, spec) -> "LatencyModel":
+        """PiT and Swin (`latprof.models.staged`): a "stage" here is a pruning location; every unit whose
+        N a location's kept count sets has N = offset + k, the others are constant."""
+        lay, model = spec.layout, spec.name
+        have = set(table.units(model))
+        missing = [u.name for u in spec.units if u.name not in have]
+        if missing:
+            raise LutError(f"table has no rows for {model} units {missing[:4]}",
+                           f"measure them first (latprof measure --model {model})")
+        L = len(lay.locations)
+        base_n = lay.unit_tokens(spec, lay.schedule([1] * L))  # every location keeping 1
+        fixed, curves = 0.0, []
+        for u in spec.units:
+            tokens, median, _, _ = table.curve(model, u.name)
+            s = lay.unit_location(u.name)
+            if s is None:
+                fixed += float(table.latency_ms(model, u.name, base_n[u.name])) if table.kind(model, u.name) == "tokens" \
+                    else float(median[0])
+                continue
+            offset = base_n[u.name] - 1  # N at k = 1, minus 1
+            curves.append(UnitCurve(u.name, s + 1, tokens.astype(float), median.astype(float), float(offset)))
+        whole = tuple(lay.stages[lay.location_stage(s)].window or lay.stages[lay.location_stage(s)].patches for s in range(L))
+        windows = tuple(lay.stages[lay.location_stage(s)].windows for s in range(L))
+        return cls(model, max(whole), tuple(lay.locations), lay.depth, fixed, curves, whole, windows)
 
     @classmethod
     def from_table(cls, table, model: str, patches: int, locations, depth: int) -> "LatencyModel":
@@ -88,8 +119,9 @@ class LatencyModel:
         for c in self.curves:
             if c.stage != stage:
                 continue
-            inside = (n >= c.tokens[0]) & (n <= c.tokens[-1])
-            total = total + np.where(inside, np.interp(n, c.tokens, c.median), np.nan)
+            nc = n if c.offset is None else c.offset + kept
+            inside = (nc >= c.tokens[0]) & (nc <= c.tokens[-1])
+            total = total + np.where(inside, np.interp(nc, c.tokens, c.median), np.nan)
         return total
 
     def grid(self, stage: int) -> np.ndarray:
@@ -148,7 +180,7 @@ class TorchLatency:
         self.lm = lm
         dtype = dtype or torch.float32
         self.curves = [(c.stage, torch.as_tensor(c.tokens, dtype=dtype, device=device),
-                        torch.as_tensor(c.median, dtype=dtype, device=device)) for c in lm.curves]
+                        torch.as_tensor(c.median, dtype=dtype, device=device), c.offset) for c in lm.curves]
         self.fixed = float(lm.fixed_ms)
 
     def __call__(self, kept):
@@ -156,8 +188,11 @@ class TorchLatency:
         import torch
 
         total = torch.zeros_like(kept[0]) + self.fixed
-        for stage, xs, ys in self.curves:
-            n = torch.full_like(kept[0], 1.0 + self.lm.patches) if stage == 0 else 1.0 + kept[stage - 1] + stage
+        for stage, xs, ys, offset in self.curves:
+            if offset is not None:
+                n = offset + kept[stage - 1]
+            else:
+                n = torch.full_like(kept[0], 1.0 + self.lm.patches) if stage == 0 else 1.0 + kept[stage - 1] + stage
             total = total + interp(n, xs.to(n.dtype), ys.to(n.dtype))
         return total
 

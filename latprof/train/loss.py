@@ -32,18 +32,21 @@ class LatencySparsityLoss(torch.nn.Module):
         self.lm = lm
         self.budget = float(budget_ms)
         self.predict = lm.torch_predictor()
-        self.register_buffer("targets", torch.tensor([k / lm.patches for k in target_kept], dtype=torch.float32))
+        # what a kept count is a share of, per stage (DeiT: the patches; PiT/Swin: see LatencyModel.from_staged)
+        self.whole = list(lm.whole or [lm.patches] * len(target_kept))
+        self.windows = list(lm.windows or [1] * len(target_kept))
+        self.register_buffer("targets", torch.tensor([k / w for k, w in zip(target_kept, self.whole)], dtype=torch.float32))
         self.latency_only = latency_only
 
     def forward(self, keep_prob: list) -> LatencyTerms:
         """keep_prob: per stage [B, P] soft keep probabilities (0 for dead tokens), from SPViTOutput."""
-        P = self.lm.patches
-        kept = torch.stack([p.float().sum(1) for p in keep_prob])   # [S, B] expected kept per sample
-        if self.predict.curves and self.predict.curves[0][1].device != kept.device:
+        # [S, B] expected kept per sample (Swin: per window, decisions being per token of the grid)
+        kept = torch.stack([p.float().sum(1) / w for p, w in zip(keep_prob, self.windows)])
+        if self.predict.curves and self.predict.curves[0][1].device != kept.device:  # (stage, xs, ys, offset)
             self.predict = self.lm.torch_predictor(device=kept.device)
         latency = self.predict(list(kept.mean(1)))
         loss = F.relu(latency - self.budget) / self.budget
-        shares = kept / P
+        shares = kept / torch.tensor(self.whole, dtype=kept.dtype, device=kept.device)[:, None]
         if not self.latency_only:
             loss = loss + ((shares - self.targets.to(shares.device)[:, None]) ** 2).mean()
         return LatencyTerms(loss, latency.detach(), shares.mean(1).detach())

@@ -34,6 +34,12 @@ class StagedSPViT(nn.Module):
             pruning.TokenSelector(layout.stages[layout.location_stage(s)].dim, layout.stages[layout.location_stage(s)].heads)
             for s in range(len(layout.locations)))
 
+    def backbone_parameters(self):
+        return self.backbone.parameters()
+
+    def selector_parameters(self):
+        return self.selectors.parameters()
+
     def forward(self, images: torch.Tensor, mode: str | None = None, kept=None) -> SPViTOutput:
         mode = mode or ("gumbel" if self.training else ("topk" if self.kept is not None else "threshold"))
         if mode not in MODES:

@@ -59,6 +59,11 @@ def build_from_checkpoint(ckpt: dict):
     from latprof.train.spvit import SPViT
 
     c = ckpt["config"]
+    from latprof.models import get_model
+
+    if get_model(c["model"]).layout is not None:
+        raise UsageError(f"export supports DeiT checkpoints so far, not {c['model']}",
+                         "validate the trained schedule with `latprof validate` on the table's model meanwhile")
     vit = create_backbone(c["timm_name"], c["num_classes"], c["img_size"], c["model_kwargs"])
     model = SPViT(vit, c["locations"], kept=c["kept"])
     model.load_state_dict(ckpt["model"])
@@ -94,13 +99,17 @@ def run(cfg: TrainConfig, log=print) -> dict:
     from latprof.train.data import image_folders
     from latprof.train.latency import LatencyModel
     from latprof.train.loss import LatencySparsityLoss
-    from latprof.train.solver import solve
+    from latprof.train.solver import solve, solve_staged
     from latprof.train.spvit import SPViT
+    from latprof.train.staged import StagedSPViT
     from latprof.train.weights import load_backbone, load_checkpoint, save_checkpoint
 
     tqdm = require("tqdm", "train").tqdm
     spec = get_model(cfg.model)
-    spec.require_flat("train")
+    staged = spec.layout is not None  # PiT, Swin: latprof.models.staged and latprof.train.staged
+    if staged and (cfg.locations or cfg.model_kwargs or (cfg.img_size and cfg.img_size != 224)):
+        raise UsageError(f"{cfg.model}'s pruning locations, image size (224) and structure are fixed by "
+                         "latprof.models.staged", "drop --locations, --img-size and --model-kwargs")
     if cfg.checkpoint is None and not cfg.random_init:
         raise UsageError("no --checkpoint given", "pass --checkpoint FILE (a local timm state dict) or --random-init")
     if cfg.epochs < 1 or cfg.batch_size < 1:
@@ -125,17 +134,22 @@ def run(cfg: TrainConfig, log=print) -> dict:
     if cfg.checkpoint and not cfg.resume:
         load_backbone(vit, cfg.checkpoint, log=say)
     locations = tuple(cfg.locations or spec.pruning_locations)
-    depth, patches = len(vit.blocks), int(vit.patch_embed.num_patches)
-
     table = read_lut(cfg.lut)
     if cfg.engine:
         table = table.for_engine(cfg.engine)
-    lm = LatencyModel.from_table(table, cfg.model, patches, locations, depth)
-    target = solve(lm, cfg.budget_ms, every_count=cfg.every_count)
+    if staged:
+        lm = LatencyModel.from_staged(table, spec)
+        target = solve_staged(table, spec, cfg.budget_ms, every_count=cfg.every_count)
+        patches = list(lm.whole)
+        model = StagedSPViT(vit, spec.layout, kept=target.kept)
+    else:
+        depth, patches = len(vit.blocks), int(vit.patch_embed.num_patches)
+        lm = LatencyModel.from_table(table, cfg.model, patches, locations, depth)
+        target = solve(lm, cfg.budget_ms, every_count=cfg.every_count)
+        model = SPViT(vit, locations, kept=target.kept)
     say(f"schedule for {cfg.budget_ms:g} ms: kept patches {list(target.kept)} of {patches}, "
         f"predicted {target.latency_ms:.4g} ms (fastest {target.fastest_ms:.4g} ms)")
-
-    model = SPViT(vit, locations, kept=target.kept).to(device)
+    model = model.to(device)
     teacher = None
     if cfg.teacher:
         teacher = create_backbone(spec.timm_name, len(classes), cfg.img_size, cfg.model_kwargs)
