@@ -46,13 +46,6 @@ class ModelSpec:
     # pruned(spec, kept) -> the whole model pruned with static kept counts (hierarchical families)
     pruned: Callable = field(repr=False, default=None)
 
-    def require_flat(self, what: str) -> None:
-        """Refuse a step that exists for flat ViTs (DeiT) only so far."""
-        if self.layout is not None:
-            raise UsageError(f"{what} supports the DeiT family so far; {self.name} ({self.family}) can be measured, "
-                             "tabled and predicted, not yet " + ("validated end to end" if what == "validate" else "trained"),
-                             f"use `latprof predict --model {self.name}` for its latency, or a deit_* model for {what}")
-
     def unit_max(self, unit: Unit) -> int:
         """The most tokens a token-dependent unit sees (its dense count)."""
         return unit.max_tokens or self.max_tokens
