@@ -430,8 +430,18 @@ def test_latprof_train_runs_spvit_on_hierarchical_models(model, tmp_path, one_to
     assert tuple(sched["kept"]) == solve_staged(table, spec, budget).kept and sched["predicted_ms"] <= budget
     (record,) = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert record["expected_ms"] > 0 and 0.0 <= record["val_acc"] <= 1.0
-    # wrong settings for a hierarchical model, and export, say what to do
+    # wrong settings for a hierarchical model say what to do
     bad = CliRunner().invoke(train, args[:-6] + ["--locations", "1,2,3", "--out", str(tmp_path / "x")])
     assert bad.exit_code != 0 and "fixed by" in str(bad.exception)
-    res = CliRunner().invoke(export, ["--checkpoint", str(out / "last.pt"), "--out", str(tmp_path / "m.onnx")])
-    assert res.exit_code != 0 and "DeiT checkpoints so far" in str(res.exception)
+    # the trained model with its static schedule, tokens really removed, as ONNX that onnxruntime runs.
+    # Two steps leave the selectors at their near-uniform start, where runtimes break top-k ties
+    # differently; decisive scores stand in for a trained selector.
+    ckpt = torch.load(out / "last.pt", weights_only=True)
+    gen = torch.Generator().manual_seed(0)
+    for key, value in ckpt["model"].items():
+        if key.startswith("selectors.") and key.rsplit(".", 1)[-1] in ("w_in", "w1", "w2", "w3"):
+            ckpt["model"][key] = torch.randn(value.shape, generator=gen) * 0.3
+    torch.save(ckpt, tmp_path / "decisive.pt")
+    res = CliRunner().invoke(export, ["--checkpoint", str(tmp_path / "decisive.pt"), "--out", str(tmp_path / "m.onnx")],
+                             catch_exceptions=False)
+    assert res.exit_code == 0 and "onnxruntime max |diff|" in res.output, res.output

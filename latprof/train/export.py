@@ -20,10 +20,17 @@ def export_onnx(checkpoint, out, kept=None, opset: int = 17, check: bool = True)
     ckpt = load_checkpoint(checkpoint)
     model = build_from_checkpoint(ckpt)
     kept = tuple(kept) if kept else model.kept
-    TokenSchedule(model.patches, model.locations, kept, len(model.vit.blocks))  # validates
-    for blk in model.vit.blocks:
-        blk.attn.fused_attn = False  # the TorchScript ONNX exporter has no fused SDPA; the math is the same
-    static = StaticSPViT(model, kept).eval()
+    for m in model.modules():
+        if hasattr(m, "fused_attn"):
+            m.fused_attn = False  # the TorchScript ONNX exporter has no fused SDPA; the math is the same
+    if hasattr(model, "layout"):  # PiT, Swin (latprof.train.staged)
+        model.layout.schedule(kept)  # validates
+        static = _deployed(model, kept)
+        locations = list(model.layout.locations)
+    else:
+        TokenSchedule(model.patches, model.locations, kept, len(model.vit.blocks))  # validates
+        static = StaticSPViT(model, kept).eval()
+        locations = list(model.locations)
     size = ckpt["config"]["img_size"]
     example = torch.randn(1, 3, size, size)
     out = Path(out)
@@ -34,7 +41,7 @@ def export_onnx(checkpoint, out, kept=None, opset: int = 17, check: bool = True)
     except Exception as exc:
         raise ExportError(f"ONNX export failed: {str(exc).splitlines()[0][:200]}",
                           "report it with the checkpoint's model name and torch version") from None
-    summary = dict(path=str(out), kept=list(kept), locations=list(model.locations), img_size=size)
+    summary = dict(path=str(out), kept=list(kept), locations=locations, img_size=size)
     if check:
         try:
             import onnxruntime as ort
@@ -49,3 +56,19 @@ def export_onnx(checkpoint, out, kept=None, opset: int = 17, check: bool = True)
             raise ExportError(f"onnxruntime disagrees with torch by {diff:.3g}", "report it with the checkpoint")
         summary["max_abs_diff"] = diff
     return summary
+
+
+
+def _deployed(model, kept):
+    """images -> logits of a hierarchical SPViT with its static schedule, tokens really removed."""
+    from torch import nn
+
+    class Deployed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.model = model
+
+        def forward(self, images):
+            return self.model(images, mode="topk", kept=tuple(kept)).logits
+
+    return Deployed().eval()

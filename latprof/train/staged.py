@@ -11,7 +11,7 @@ masking) and ``topk`` (static counts, tokens really removed; what is deployed). 
 compute the same thing for the same kept set: a pruned token is a dead key in attention and its own
 value is carried past the block unchanged, exactly what removing it and writing it back does.
 
-`latprof train` uses it for these models (`latprof.train.trainer`); `latprof export` does not yet.
+`latprof train` and `latprof export` use it for these models.
 """
 
 from __future__ import annotations

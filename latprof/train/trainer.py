@@ -61,9 +61,13 @@ def build_from_checkpoint(ckpt: dict):
     c = ckpt["config"]
     from latprof.models import get_model
 
-    if get_model(c["model"]).layout is not None:
-        raise UsageError(f"export supports DeiT checkpoints so far, not {c['model']}",
-                         "validate the trained schedule with `latprof validate` on the table's model meanwhile")
+    spec = get_model(c["model"])
+    if spec.layout is not None:
+        from latprof.train.staged import StagedSPViT
+
+        model = StagedSPViT(create_backbone(c["timm_name"], c["num_classes"], None, {}), spec.layout, kept=c["kept"])
+        model.load_state_dict(ckpt["model"])
+        return model.eval()
     vit = create_backbone(c["timm_name"], c["num_classes"], c["img_size"], c["model_kwargs"])
     model = SPViT(vit, c["locations"], kept=c["kept"])
     model.load_state_dict(ckpt["model"])
