@@ -95,6 +95,15 @@ def topk_keep(scores: torch.Tensor, alive: torch.Tensor, k: int) -> torch.Tensor
     return torch.zeros_like(alive).scatter(1, idx, 1.0)
 
 
+def keep_decision(mode: str, scores: torch.Tensor, alive: torch.Tensor, tau: float = 1.0, k: int | None = None):
+    """The keep policy [B, N] of a masking mode: ``gumbel`` (training), ``threshold``, ``topk-mask`` (k)."""
+    if mode == "gumbel":
+        return gumbel_keep(scores, alive, tau)
+    if mode == "threshold":
+        return threshold_keep(scores, alive)
+    return topk_keep(scores, alive, k)
+
+
 def package_token(x: torch.Tensor, scores: torch.Tensor, dropped: torch.Tensor) -> torch.Tensor:
     """Merge the tokens dropped at this stage into one package token [B, 1, D], each weighted by its
     drop probability. `dropped` [B, N] marks them (0/1, straight-through in training). When nothing is

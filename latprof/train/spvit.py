@@ -80,12 +80,7 @@ class SPViT(nn.Module):
             if stage < len(self.locations) and i == self.locations[stage]:
                 scores = self.selectors[stage](x, policy)[:, 1:1 + P]
                 alive = policy[:, 1:1 + P]
-                if mode == "gumbel":
-                    keep = pruning.gumbel_keep(scores, alive, self.tau)
-                elif mode == "threshold":
-                    keep = pruning.threshold_keep(scores, alive)
-                else:
-                    keep = pruning.topk_keep(scores, alive, kept[stage])
+                keep = pruning.keep_decision(mode, scores, alive, self.tau, kept[stage] if kept else None)
                 pkg = pruning.package_token(x[:, 1:1 + P], scores, alive - keep)
                 x = torch.cat([x, pkg], dim=1)
                 policy = torch.cat([policy[:, :1], keep, policy[:, 1 + P:], policy.new_ones(B, 1)], dim=1)

@@ -75,12 +75,7 @@ class StagedSPViT(nn.Module):
                     policy = tokens.new_ones(B, tokens.shape[1])
                 scores = self.selectors[s](tokens, policy)[:, 1:1 + P]
                 alive = policy[:, 1:1 + P]
-                if mode == "gumbel":
-                    keep = pruning.gumbel_keep(scores, alive, self.tau)
-                elif mode == "threshold":
-                    keep = pruning.threshold_keep(scores, alive)
-                else:
-                    keep = pruning.topk_keep(scores, alive, kept[s])
+                keep = pruning.keep_decision(mode, scores, alive, self.tau, kept[s] if kept else None)
                 pkg = pruning.package_token(tokens[:, 1:1 + P], scores, alive - keep)
                 tokens = torch.cat([tokens, pkg], dim=1)
                 policy = torch.cat([policy[:, :1], keep, policy[:, 1 + P:], policy.new_ones(B, 1)], dim=1)
@@ -135,10 +130,8 @@ class StagedSPViT(nn.Module):
                     scores = self.selectors[s](x.reshape(B, H * W, C), ones)
                     odds = (scores[..., 0] - scores[..., 1]).reshape(B, H, W, 1)
                     k = kept[s] if kept is not None else None
-                    if mode == "gumbel":
-                        keep = pruning.gumbel_keep(scores, ones, self.tau).reshape(B, H, W, 1)
-                    elif mode == "threshold":
-                        keep = pruning.threshold_keep(scores, ones).reshape(B, H, W, 1)
+                    if mode in ("gumbel", "threshold"):  # per token; top-k is per window, in each block
+                        keep = pruning.keep_decision(mode, scores, ones, self.tau).reshape(B, H, W, 1)
                     probs.append(scores[..., 0].exp())
                     if keep is not None:
                         keeps.append(keep.reshape(B, -1))
