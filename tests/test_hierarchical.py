@@ -445,3 +445,14 @@ def test_latprof_train_runs_spvit_on_hierarchical_models(model, tmp_path, one_to
     res = CliRunner().invoke(export, ["--checkpoint", str(tmp_path / "decisive.pt"), "--out", str(tmp_path / "m.onnx")],
                              catch_exceptions=False)
     assert res.exit_code == 0 and "onnxruntime max |diff|" in res.output, res.output
+
+
+def test_tuning_anchors_follow_each_units_range():
+    from latprof.measure.runner import unit_anchors
+
+    spec = get_model("pit_s")
+    got = {u.shared: unit_anchors(spec, u, None) for u in spec.units if u.kind == "tokens"}
+    assert got["block.s1"] == [704] and got["block.s2"] == [192] and got["block.s3"] == [32]
+    assert unit_anchors(spec, spec.unit("blocks.8"), [64, 128]) == [32]      # none of them fits 1..50
+    assert unit_anchors(spec, spec.unit("blocks.3"), [64, 128]) == [64, 128]
+    assert unit_anchors(get_model("swin_t"), get_model("swin_t").unit("blocks.6"), None) == [32]

@@ -292,7 +292,9 @@ def compile_graphs(eng, spec: ModelSpec, graphs: list[Graph], workdir: Path, bar
     anchors = []
     if eng.name == "tvm" and eng.trials > 0:
         configured = eng.cfg.tuning.get("anchors")
-        anchors = [g for g in export_graphs(spec, lambda u: unit_anchors(spec, u, configured), workdir, bars)
+        # anchors only for the graphs being compiled (a --units check or a validation needs no others)
+        anchors = [g for g in export_graphs(spec, lambda u: unit_anchors(spec, u, configured), workdir, bars,
+                                            {g.shared for g in graphs})
                    if spec.unit_by_shared(g.shared).kind == "tokens"]
     return eng.prepare(graphs, bars, anchors=anchors, session=session)
 
