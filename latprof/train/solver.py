@@ -131,43 +131,23 @@ def solve_staged(table, spec, budget_ms: float, every_count: bool = False) -> So
     `StagedLayout.unit_location`), so a dynamic program over locations keeps, per last kept count where
     the next location shares its stage, the Pareto front of (latency, information)."""
     lay, model = spec.layout, spec.name
-    table_units = set(table.units(model))
-    missing = [u.name for u in spec.units if u.name not in table_units]
-    if missing:
-        raise LutError(f"table has no rows for {model} units {missing[:4]}", f"measure them: latprof measure --model {model}")
-
-    def unit_ms(unit: str, n: int) -> float:
-        lo, hi = table.token_range(model, unit) if table.kind(model, unit) == "tokens" else (n, n)
-        return table.latency_ms(model, unit, n) if lo <= n <= hi else math.inf
-
+    lm = LatencyModel.from_staged(table, spec)  # the same latency model the training loss reads
     L = len(lay.locations)
-
-    def probe(s: int, k: int):
-        """A valid schedule with k at location s (others at their extremes): units of location s read k."""
-        st = lay.location_stage(s)
-        return lay.schedule([k if t == s else (lay.limit(t) if t < s and lay.location_stage(t) == st else 1)
-                             for t in range(L)])
-
-    fixed_n = lay.unit_tokens(spec, probe(0, 1))
-    base = sum(unit_ms(u, n) for u, n in fixed_n.items() if lay.unit_location(u) is None)
-    if math.isinf(base):
-        raise LutError(f"{model}: a unit's dense token count is outside the table's measured range",
-                       f"measure {model} on its default grid (latprof measure --model {model})")
-    deps = {s: [u.name for u in spec.units if lay.unit_location(u.name) == s] for s in range(L)}
+    base = lm.fixed_ms
+    blocks = [sum(1 for c in lm.curves if c.stage == s + 1 and c.unit.startswith("blocks.")) for s in range(L)]
 
     def cost(s: int, k: int) -> tuple[float, int]:
         """Predicted ms of the units location s sets, and the tokens its blocks process."""
-        ns = lay.unit_tokens(spec, probe(s, k))
-        blocks = sum(1 for u in deps[s] if u.startswith("blocks."))
-        return sum(unit_ms(u, ns[u]) for u in deps[s]), k * lay.stages[lay.location_stage(s)].windows * blocks
+        ms = float(lm.stage_cost(s + 1, np.array([k]))[0])
+        return (math.inf if np.isnan(ms) else ms), k * lay.stages[lay.location_stage(s)].windows * blocks[s]
 
     cands = []
     for s in range(L):
         if every_count:
             ks = range(1, lay.limit(s) + 1)
         else:
-            first_block = next(u for u in deps[s] if u.startswith("blocks."))
-            ks = sorted({lay.kept_for(s, int(n)) for n in table.curve(model, first_block)[0]})
+            first_block = next(c for c in lm.curves if c.stage == s + 1 and c.unit.startswith("blocks."))
+            ks = sorted({lay.kept_for(s, int(n)) for n in first_block.tokens})
         ks = [k for k in ks if 1 <= k <= lay.limit(s) and not math.isinf(cost(s, k)[0])]
         if not ks:
             raise LutError(f"{model}: no measured token count fits pruning location {s + 1} (before block "
