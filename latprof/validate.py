@@ -150,8 +150,7 @@ def _random_staged(table, spec, count: int, seed: int):
         for st in ratios:
             ratios[st].sort(reverse=True)
         for s in range(len(lay.locations)):
-            whole = lay.limit(s)
-            kept.append(max(1, round(whole * ratios[lay.location_stage(s)].pop(0))))
+            kept.append(max(1, round(lay.limit(s) * ratios[lay.location_stage(s)].pop(0))))
         if tuple(kept) in seen:
             continue
         sched = lay.schedule(kept)

@@ -114,6 +114,16 @@ class StagedLayout:
         stage = self.stages[st]
         return stage.window if stage.window else self.cls + stage.patches
 
+    def whole(self, s: int) -> int:
+        """What location s's kept count is a share of: the stage's patches (PiT) or a window's tokens (Swin)."""
+        stage = self.stages[self.location_stage(s)]
+        return stage.window or stage.patches
+
+    def _passed(self, block: int) -> list[int]:
+        """The pruning locations of block's stage at or before it."""
+        st = self.stage_index(block)
+        return [s for s, loc in enumerate(self.locations) if loc <= block and self.location_stage(s) == st]
+
     def limit(self, s: int) -> int:
         stage = self.stages[self.location_stage(s)]
         if stage.window:
@@ -130,11 +140,7 @@ class StagedLayout:
         """Explicit N per block -> the schedule it describes (an error if it describes none)."""
         if len(ns) != self.depth:
             raise UsageError(f"{len(ns)} token counts for {self.depth} blocks", "give one N per block")
-        kept = []
-        for s, loc in enumerate(self.locations):
-            n = ns[loc]
-            kept.append(n if self.stages[self.location_stage(s)].window
-                        else n - self.cls - (self.rank_in_stage(s) if self.package else 0))
+        kept = [self.kept_for(s, ns[loc]) for s, loc in enumerate(self.locations)]
         sched = self.schedule(kept)
         if self.block_tokens(sched) != list(ns):
             raise UsageError(f"token counts {list(ns)} are not a {self.family} schedule (expected "
@@ -157,12 +163,7 @@ class StagedLayout:
     def from_ratios(self, ratios) -> StagedSchedule:
         """Ratios are shares of the stage's patch tokens (PiT) or of a window's tokens (Swin),
         cumulative within a stage; every stage starts from 1 again."""
-        kept = []
-        for s, r in enumerate(ratios):
-            stage = self.stages[self.location_stage(s)]
-            whole = stage.window or stage.patches
-            kept.append(min(self.limit(s), max(1, round(whole * r))))
-        return self.schedule(kept)
+        return self.schedule([min(self.limit(s), max(1, round(self.whole(s) * r))) for s, r in enumerate(ratios)])
 
     @property
     def kept_label(self) -> str:
@@ -173,7 +174,7 @@ class StagedLayout:
 
     def _block_n(self, sched: StagedSchedule, block: int) -> int:
         st = self.stage_index(block)
-        passed = [s for s, loc in enumerate(self.locations) if loc <= block and self.location_stage(s) == st]
+        passed = self._passed(block)
         if not passed:
             return self.dense_tokens(st)
         s = passed[-1]
@@ -185,9 +186,7 @@ class StagedLayout:
         """The pruning location whose kept count sets this unit's N (None: the unit's N is fixed)."""
         kind, _, idx = unit.partition(".")
         if kind == "blocks":
-            b = int(idx)
-            st = self.stage_index(b)
-            passed = [s for s, loc in enumerate(self.locations) if loc <= b and self.location_stage(s) == st]
+            passed = self._passed(int(idx))
             return passed[-1] if passed else None
         if kind in ("selector", "merge") and not self.stages[self.location_stage(int(idx) - 1)].window:
             s = int(idx) - 1  # PiT: it sees the N arriving, set by the previous location of its stage

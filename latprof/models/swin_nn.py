@@ -26,6 +26,20 @@ def window_block(blk, x, bias, mask=None):
     return x + blk.mlp(blk.norm2(x))
 
 
+def window_topk_block(blk, w, score, k: int, bias_table, mask_table=None):
+    """The block on each window's k best tokens only, written back in place: w [W, 49, C] windows,
+    score [W, 49]; the relative position bias (`bias_table` [heads, 49*49]) and the shift mask
+    (`mask_table` [W, 49*49] or None) are gathered for the kept pairs. Order of the kept tokens is
+    irrelevant (no sort: ONNX has none)."""
+    area = WINDOW * WINDOW
+    idx = score.topk(k, dim=1).indices                                               # [W, k]
+    pair = (idx[:, :, None] * area + idx[:, None, :]).reshape(idx.shape[0], -1)      # [W, k*k]
+    bias = bias_table.index_select(1, pair.reshape(-1)).reshape(bias_table.shape[0], idx.shape[0], k, k).transpose(0, 1)
+    mask = None if mask_table is None else mask_table.gather(1, pair).reshape(idx.shape[0], 1, k, k)
+    take = idx[..., None].expand(-1, -1, w.shape[-1])
+    return w.scatter(1, take, window_block(blk, w.gather(1, take), bias, mask))
+
+
 class WindowBlock(nn.Module):
     """The profiling unit: [windows, N, C] -> [windows, N, C], N tokens per window. The relative position
     bias (and shift mask) of the N processed tokens is a static slice; in the pruned model it is a gather
@@ -107,7 +121,8 @@ class StaticSwin(nn.Module):
             x = torch.roll(x, (-shift[0], -shift[1]), (1, 2))
         area = WINDOW * WINDOW
         bias = getattr(self, f"bias_{st}_{j}").reshape(-1, area, area)
-        mask = getattr(self, f"mask_{st}_{j}").reshape(-1, 1, area, area) if hasattr(self, f"mask_{st}_{j}") else None
+        mask = getattr(self, f"mask_{st}_{j}", None)
+        mask = None if mask is None else mask.reshape(-1, 1, area, area)
         x = _reverse(window_block(blk, _partition(x, grid), bias, mask), grid)
         return torch.roll(x, shift, (1, 2)) if any(shift) else x
 
@@ -115,17 +130,8 @@ class StaticSwin(nn.Module):
         shift = blk.shift_size
         if any(shift):
             x, score = (torch.roll(t, (-shift[0], -shift[1]), (1, 2)) for t in (x, score))
-        w, sw = _partition(x, grid), _partition(score, grid)[..., 0]     # [W, 49, C], [W, 49]
-        idx = sw.topk(k, dim=1).indices                                 # [W, k]; order is irrelevant
-        c = w.shape[-1]
-        sel = w.gather(1, idx[..., None].expand(-1, -1, c))
-        pair = (idx[:, :, None] * (WINDOW * WINDOW) + idx[:, None, :]).reshape(idx.shape[0], -1)  # [W, k*k]
-        table = getattr(self, f"bias_{st}_{j}")                          # [heads, 49*49]
-        bias = table.index_select(1, pair.reshape(-1)).reshape(table.shape[0], idx.shape[0], k, k).transpose(0, 1)
-        mask = None
-        if hasattr(self, f"mask_{st}_{j}"):
-            mask = getattr(self, f"mask_{st}_{j}").gather(1, pair).reshape(idx.shape[0], 1, k, k)
-        w = w.scatter(1, idx[..., None].expand(-1, -1, c), window_block(blk, sel, bias, mask))
+        w = window_topk_block(blk, _partition(x, grid), _partition(score, grid)[..., 0], k,
+                              getattr(self, f"bias_{st}_{j}"), getattr(self, f"mask_{st}_{j}", None))
         x = _reverse(w, grid)
         return torch.roll(x, shift, (1, 2)) if any(shift) else x
 

@@ -70,7 +70,7 @@ class LatencyModel:
                 continue
             offset = base_n[u.name] - 1  # N at k = 1, minus 1
             curves.append(UnitCurve(u.name, s + 1, tokens.astype(float), median.astype(float), float(offset)))
-        whole = tuple(lay.stages[lay.location_stage(s)].window or lay.stages[lay.location_stage(s)].patches for s in range(L))
+        whole = tuple(lay.whole(s) for s in range(L))
         windows = tuple(lay.stages[lay.location_stage(s)].windows for s in range(L))
         return cls(model, max(whole), tuple(lay.locations), lay.depth, fixed, curves, whole, windows)
 

@@ -78,13 +78,9 @@ class SPViT(nn.Module):
         probs, keeps, stage = [], [], 0
         for i, blk in enumerate(self.vit.blocks):
             if stage < len(self.locations) and i == self.locations[stage]:
-                scores = self.selectors[stage](x, policy)[:, 1:1 + P]
-                alive = policy[:, 1:1 + P]
-                keep = pruning.keep_decision(mode, scores, alive, self.tau, kept[stage] if kept else None)
-                pkg = pruning.package_token(x[:, 1:1 + P], scores, alive - keep)
-                x = torch.cat([x, pkg], dim=1)
-                policy = torch.cat([policy[:, :1], keep, policy[:, 1 + P:], policy.new_ones(B, 1)], dim=1)
-                probs.append(scores[..., 0].exp() * alive)
+                x, policy, prob, keep = masked_prune(self.selectors[stage], x, policy, P, mode, self.tau,
+                                                     kept[stage] if kept else None)
+                probs.append(prob)
                 keeps.append(keep)
                 stage += 1
                 bias = pruning.attention_bias(policy)   # once per stage: its blocks share one policy
@@ -111,6 +107,19 @@ class SPViT(nn.Module):
 
     def _head(self, x):
         return self.vit.forward_head(self.vit.norm(x))
+
+
+def masked_prune(selector, x, policy, patches: int, mode: str, tau: float, k: int | None):
+    """One pruning location under masking: the selector scores the P patch tokens after the class token,
+    the mode decides which stay alive, the newly dropped ones are merged into a package token appended to
+    x. Returns (x, policy, soft keep probability [B, P], keep decision [B, P])."""
+    B, P = x.shape[0], patches
+    scores = selector(x, policy)[:, 1:1 + P]
+    alive = policy[:, 1:1 + P]
+    keep = pruning.keep_decision(mode, scores, alive, tau, k)
+    pkg = pruning.package_token(x[:, 1:1 + P], scores, alive - keep)
+    policy = torch.cat([policy[:, :1], keep, policy[:, 1 + P:], policy.new_ones(B, 1)], dim=1)
+    return torch.cat([x, pkg], dim=1), policy, scores[..., 0].exp() * alive, keep
 
 
 def masked_block(blk: nn.Module, x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:

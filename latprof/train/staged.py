@@ -20,9 +20,9 @@ import torch
 from timm.models.swin_transformer import window_partition, window_reverse
 from torch import nn
 
-from latprof.models.swin_nn import window_block
+from latprof.models.swin_nn import window_block, window_topk_block
 from latprof.train import pruning
-from latprof.train.spvit import MODES, SPViTOutput, masked_block
+from latprof.train.spvit import MODES, SPViTOutput, masked_block, masked_prune
 
 
 class StagedSPViT(nn.Module):
@@ -73,13 +73,9 @@ class StagedSPViT(nn.Module):
                 s = self.layout.locations.index(b)
                 if policy is None:
                     policy = tokens.new_ones(B, tokens.shape[1])
-                scores = self.selectors[s](tokens, policy)[:, 1:1 + P]
-                alive = policy[:, 1:1 + P]
-                keep = pruning.keep_decision(mode, scores, alive, self.tau, kept[s] if kept else None)
-                pkg = pruning.package_token(tokens[:, 1:1 + P], scores, alive - keep)
-                tokens = torch.cat([tokens, pkg], dim=1)
-                policy = torch.cat([policy[:, :1], keep, policy[:, 1 + P:], policy.new_ones(B, 1)], dim=1)
-                probs.append(scores[..., 0].exp() * alive)
+                tokens, policy, prob, keep = masked_prune(self.selectors[s], tokens, policy, P, mode, self.tau,
+                                                          kept[s] if kept else None)
+                probs.append(prob)
                 keeps.append(keep)
                 bias = pruning.attention_bias(policy)
             if policy is None:
@@ -182,21 +178,14 @@ def _window_masked(blk, x, policy):
 
 
 def _window_removal(blk, x, odds, k):
-    """The block on each window's k best tokens only (gathered; bias and shift mask gathered with them),
-    written back in place."""
+    """The block on each window's k best tokens only (`swin_nn.window_topk_block`), written back in place."""
     B, H, W, C = x.shape
-    w, so = _windows(blk, x), _windows(blk, odds)[..., 0]
-    idx = so.topk(k, dim=1).indices                                                  # [B*windows, k]
     area = blk.window_area
-    pair = (idx[:, :, None] * area + idx[:, None, :]).reshape(idx.shape[0], -1)     # [B*windows, k*k]
-    table = blk.attn._get_rel_pos_bias()[0].reshape(-1, area * area)                 # [heads, 49*49]
-    bias = table[:, pair.reshape(-1)].reshape(-1, idx.shape[0], k, k).transpose(0, 1)
     mask = _shift_mask(blk, B)
-    if mask is not None:
-        mask = mask.reshape(-1, area * area).gather(1, pair).reshape(-1, 1, k, k)
-    take = idx[..., None].expand(-1, -1, C)
-    y = window_block(blk, w.gather(1, take), bias, mask)
-    return _grid(blk, w.scatter(1, take, y), H, W)
+    w = window_topk_block(blk, _windows(blk, x), _windows(blk, odds)[..., 0], k,
+                          blk.attn._get_rel_pos_bias()[0].reshape(-1, area * area),
+                          None if mask is None else mask.reshape(-1, area * area))
+    return _grid(blk, w, H, W)
 
 
 def _put(grid: torch.Tensor, idx: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
