@@ -194,7 +194,7 @@ def _matmul_schedules():
     return naive, fast
 
 
-def test_session_runner_times_candidates_on_the_device():
+def test_session_runner_times_candidates_on_the_device(monkeypatch, tmp_path):
     """Tuning candidates timed through a device session (the path remote devices take), here the local
     device's real RPC server: each candidate is its own module (they once all ran the first one)."""
     from latprof.compile import tvmlib
@@ -203,9 +203,11 @@ def test_session_runner_times_candidates_on_the_device():
     cfg = load_config("local")
     target = tvmlib.make_target(tvmlib.target_dict(cfg.target, 1))
     naive, fast = _matmul_schedules()
+    monkeypatch.setenv("TMPDIR", str(tmp_path))  # the builder's worker processes make their temp dirs here
     with open_session(cfg) as session:
         t_naive, t_fast = tvmlib.benchmark([naive, fast], target, runner=tvmlib.session_runner(session.rpc))
     assert t_naive > 0 and t_fast > 0
+    assert not list(tmp_path.glob("*/candidate.so")), "built candidates were left behind in the temp dir"
     assert t_fast < t_naive / 4, (t_naive, t_fast)
 
 

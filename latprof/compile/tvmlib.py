@@ -224,6 +224,8 @@ def benchmark(schedules: list, target, on_done=None, chunk: int = 64, runner=Non
                 times[j] = statistics.median(float(getattr(t, "value", t)) for t in res.run_secs)
             else:
                 why[j] = "run: " + _first_line(res.error_msg or "no run time reported")
+        for _, b in ok:  # MetaSchedule's tuning loop removes its artifacts; this loop must too
+            ms.utils.remove_build_dir(b.artifact_path)
         out += times
         if errors is not None:
             errors += why
