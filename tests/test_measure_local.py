@@ -4,6 +4,7 @@ import json
 import os
 import signal
 import threading
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -108,3 +109,17 @@ def test_local_server_is_pinned_to_configured_cores(workdir, tmp_path):
         pid = session.server.proc.pid
     with pytest.raises(ProcessLookupError):
         os.kill(pid, 0)  # stopped on close
+
+
+def test_local_server_files_are_removed_when_it_stops(workdir, tmp_path):
+    """What sessions upload lands in the server's own temp dir, which goes with the server (its workers,
+    stopped by SIGKILL, never remove their dirs themselves)."""
+    from latprof.devices import load_config, open_session
+
+    blob = tmp_path / "blob.bin"
+    blob.write_bytes(b"x" * 1000)
+    with open_session(load_config("local")) as session:
+        session.rpc.upload(str(blob), "blob.bin")
+        scratch = Path(session.server.scratch)
+        assert [p.name for p in scratch.rglob("blob.bin")] == ["blob.bin"]
+    assert not scratch.exists()

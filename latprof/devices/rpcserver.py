@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 
@@ -34,14 +36,19 @@ def server_argv(python: str = sys.executable, host: str = "127.0.0.1", port: int
 
 
 class ServerProcess:
-    """A TVM RPC server child process, stopped with its whole process group."""
+    """A TVM RPC server child process, stopped with its whole process group.
+
+    The server's session workers keep uploaded modules in temp dirs they remove only when they exit
+    cleanly; the server gets a temp dir of its own (TMPDIR) that `stop` removes whatever way it ended."""
 
     def __init__(self, argv: list[str], env: dict | None = None, timeout: float = 60.0, cpus: list | None = None):
         self.argv = argv
         self.lines: list[str] = []
+        self.scratch = tempfile.mkdtemp(prefix="latprof-rpc-")
         pin = (lambda: os.sched_setaffinity(0, [int(c) for c in cpus])) if cpus else None  # inherited by workers
         self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                     env={**os.environ, **(env or {})}, start_new_session=True, preexec_fn=pin)
+                                     env={**os.environ, **(env or {}), "TMPDIR": self.scratch},
+                                     start_new_session=True, preexec_fn=pin)
         self.port = self._wait_bind(timeout)
 
     def _wait_bind(self, timeout: float) -> int:
@@ -84,3 +91,4 @@ class ServerProcess:
             pass
         if self.proc.poll() is None:
             self.proc.wait(5)
+        shutil.rmtree(self.scratch, ignore_errors=True)
