@@ -2,7 +2,7 @@
 
 Real noise, measured on this machine: a DeiT-T-sized transformer block in numpy (single BLAS thread),
 timed at a few token counts. The measurement is organised in *runs*, one after another in time; inside
-a run every point is measured in rounds, and each round times four variants in rotating order:
+a run every point is measured in rounds, and each round times four variants in a random order:
 
     A   the block                      A2  the block again (a second "nothing changed" series)
     S5  the block + 5% busy work        S10 the block + 10% busy work
@@ -20,7 +20,9 @@ device (cache, frequency and memory effects remain; waiting for the core does no
 Trials, each one complete `latprof check` run over every token count:
   sequential:  baseline = A of run i, candidate = A2 / S5 / S10 of run i+lag (measured later, so drift
                between runs is in the data)
-  interleaved: baseline = A of run i, candidate = A2 / S5 / S10 of the same run (what --interleave does)
+  interleaved: baseline = A of run i, candidate = A2 / S5 / S10 of the same run, unpaired test
+  paired:      the same samples, repeat k of A compared with repeat k of the candidate (measured moments
+               apart): the sign test that `latprof check --interleave` uses
 
 A false alarm is a trial with nothing changed (A vs A2) that reports any regression (rate per check
 run, with the 95% Wilson upper bound); detection is the share of slowed points reported as a
@@ -83,6 +85,9 @@ def busy(seconds: float) -> None:
         pass
 
 
+MIN_REPEAT_MS = 25.0  # device_configs/local.yaml: measure.min_repeat_ms
+
+
 def timed(fn, extra_s: float, number: int) -> float:
     """One sample: mean time (ms) of `number` calls, like TVM's time_evaluator(number=...)."""
     t0 = CLOCK()
@@ -94,12 +99,15 @@ def timed(fn, extra_s: float, number: int) -> float:
 
 
 def collect(tokens, runs, repeats, number, seed=0):
+    """number: calls per sample, or 0 for latprof's default (`number: 0`): enough calls that a sample
+    lasts MIN_REPEAT_MS, like TVM's time_evaluator(min_repeat_ms=...)."""
     rng = np.random.default_rng(seed)
     blocks = {t: make_block(t, rng) for t in tokens}
     for fn in blocks.values():  # warm up
         for _ in range(20):
             fn()
-    base_ms = {t: float(np.median([timed(blocks[t], 0, number) for _ in range(30)])) for t in tokens}
+    base_ms = {t: float(np.median([timed(blocks[t], 0, 1) for _ in range(30)])) for t in tokens}
+    calls = {t: number or max(1, math.ceil(MIN_REPEAT_MS / base_ms[t])) for t in tokens}
     variants = {"A": 0.0, "A2": 0.0, "S5": 0.05, "S10": 0.10}
     data = {v: np.zeros((runs, len(tokens), repeats)) for v in variants}
     names = list(variants)
@@ -109,19 +117,21 @@ def collect(tokens, runs, repeats, number, seed=0):
         for ti in order:
             t = tokens[ti]
             for k in range(repeats):
-                rot = names[k % 4:] + names[:k % 4]
-                for v in rot:
-                    data[v][r, ti, k] = timed(blocks[t], variants[v] * base_ms[t] / 1e3, number)
+                # a fresh random order every repeat: a fixed rotation let one variant always follow the
+                # busy-wait one, and that carry-over made it ~2% slower (wall clock) in every comparison
+                for v in rng.permutation(names):
+                    data[v][r, ti, k] = timed(blocks[t], variants[v] * base_ms[t] / 1e3, calls[t])
     return data, base_ms, time.time() - t0
 
 
-def trial_rates(data, pairs, tolerance, alpha, scale=None, cand="A2"):
+def trial_rates(data, pairs, tolerance, alpha, scale=None, cand="A2", paired=False):
     """Fraction of trials with any regression (per check run) and fraction of points flagged."""
     runs_alarm, points_flag, points_total, noisy = 0, 0, 0, 0
     for i, j in pairs:
         base = data["A"][i]
         c = data[cand][j] * (scale or 1.0)
-        verdicts = stats.compare_many(list(zip(base, c)), tolerance, alpha, seed=i * 7919 + j, resamples=200)
+        verdicts = stats.compare_many(list(zip(base, c)), tolerance, alpha, seed=i * 7919 + j, resamples=200,
+                                      paired=paired)
         flags = [v.status == stats.REGRESSION for v in verdicts]
         runs_alarm += any(flags)
         points_flag += sum(flags)
@@ -137,12 +147,37 @@ def wilson_upper(k, n, z=1.96):
     return (p + z * z / (2 * n) + z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))) / (1 + z * z / n)
 
 
+def _contender(seed: int) -> None:
+    """Another job on a shared machine: bursts of work (1-40 ms of matrix products) and pauses (1-40 ms)."""
+    rng = np.random.default_rng(seed)
+    m = rng.standard_normal((128, 128)).astype(np.float32)
+    while True:
+        end = time.perf_counter() + rng.uniform(0.001, 0.04)
+        while time.perf_counter() < end:
+            m = np.tanh(m @ m)
+        time.sleep(rng.uniform(0.001, 0.04))
+
+
+def start_background(k: int) -> list:
+    """k contending processes, so that a quiet machine shows a shared runner's noise (stopped at exit)."""
+    import atexit
+    import multiprocessing
+
+    procs = [multiprocessing.Process(target=_contender, args=(i,), daemon=True) for i in range(k)]
+    for p in procs:
+        p.start()
+    atexit.register(lambda: [p.terminate() for p in procs])
+    return procs
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--tokens", default="50,100,197")
     ap.add_argument("--runs", type=int, default=120)
     ap.add_argument("--repeats", type=int, default=30, help="samples per point per side")
-    ap.add_argument("--number", type=int, default=1, help="calls averaged into one sample")
+    ap.add_argument("--number", type=int, default=1,
+                    help="calls averaged into one sample; 0: enough calls that a sample lasts 25 ms, as latprof's "
+                         "local device does by default (number: 0, min_repeat_ms: 25)")
     ap.add_argument("--tolerances", default="median:2%,median:3%,median:5%")
     ap.add_argument("--alpha", type=float, default=0.01)
     ap.add_argument("--lag", type=int, default=1, help="runs between baseline and candidate (sequential)")
@@ -150,6 +185,9 @@ def main(argv=None):
     ap.add_argument("--clock", choices=("wall", "cpu"), default="wall",
                     help="wall: perf_counter, every stall counts (a shared machine's real noise); cpu: thread CPU "
                          "time, as on a dedicated device where nothing else competes for the core")
+    ap.add_argument("--background", type=int, default=0,
+                    help="start this many contending processes (bursty matrix work) while measuring: a shared "
+                         "runner's noise on a quiet machine")
     ap.add_argument("--json", help="write the figures here")
     ap.add_argument("--save-raw", help="write the raw samples here (.npz) for re-analysis")
     ap.add_argument("--load-raw", help="re-analyse samples saved with --save-raw instead of measuring")
@@ -164,6 +202,7 @@ def main(argv=None):
         base_ms = dict(zip(tokens, map(float, raw["base_ms"])))
         secs = float(raw["secs"])
     else:
+        start_background(args.background)
         data, base_ms, secs = collect(tokens, args.runs, args.repeats, args.number)
     if args.save_raw:
         np.savez_compressed(args.save_raw, tokens=np.array(tokens), base_ms=np.array([base_ms[t] for t in tokens]),
@@ -173,6 +212,8 @@ def main(argv=None):
     inter = [(i, i) for i in range(runs)]
     print(f"measured {runs} runs x {len(tokens)} token counts x {args.repeats} repeats x 4 variants in {secs:.0f}s; "
           f"block medians {', '.join(f'{t} tok {m:.3f} ms' for t, m in base_ms.items())}")
+    print(f"measurement time per point and side: {secs / (runs * len(tokens) * 4) * 1e3:.0f} ms (a default latprof "
+          f"measurement of one point on `local`: 15 samples of >= 25 ms, at least 375 ms)")
     # how much real noise is there? run-to-run drift of the median, and the injected slowdowns as measured
     med = {v: np.median(d, axis=2) for v, d in data.items()}
     drift = np.abs(med["A"][1:] / med["A"][:-1] - 1)
@@ -187,14 +228,15 @@ def main(argv=None):
     for label, inj in [("busy-work", None)] + ([("scaled", 1)] if args.also_scaled else []):
         print(f"\ninjection: {label}\n{header}")
         for tol in args.tolerances.split(","):
-            for order, pairs in (("sequential", seq), ("interleaved", inter)):
-                fa_run, _, noisy = trial_rates(data, pairs, tol, args.alpha)
+            for order, pairs, paired in (("sequential", seq, False), ("interleaved", inter, False),
+                                         ("paired", inter, True)):
+                fa_run, _, noisy = trial_rates(data, pairs, tol, args.alpha, paired=paired)
                 if inj:
-                    d5 = trial_rates(data, pairs, tol, args.alpha, scale=1.05)
-                    d10 = trial_rates(data, pairs, tol, args.alpha, scale=1.10)
+                    d5 = trial_rates(data, pairs, tol, args.alpha, scale=1.05, paired=paired)
+                    d10 = trial_rates(data, pairs, tol, args.alpha, scale=1.10, paired=paired)
                 else:
-                    d5 = trial_rates(data, pairs, tol, args.alpha, cand="S5")
-                    d10 = trial_rates(data, pairs, tol, args.alpha, cand="S10")
+                    d5 = trial_rates(data, pairs, tol, args.alpha, cand="S5", paired=paired)
+                    d10 = trial_rates(data, pairs, tol, args.alpha, cand="S10", paired=paired)
                 k = round(fa_run * len(pairs))
                 row = {"injection": label, "tolerance": tol, "order": order, "trials": len(pairs),
                        "false_alarm_per_run": fa_run, "false_alarm_upper95": wilson_upper(k, len(pairs)),

@@ -159,6 +159,7 @@ def test_cli_exit_1_on_regression_and_writes_reports(tables, tmp_path):
     out = runner.invoke(check, args + ["--format", "json", "--output", str(tmp_path / "r.json")])
     assert out.exit_code == 1, out.output
     data = json.loads((tmp_path / "r.json").read_text())
+    assert data["tolerance"] == "median:5%"  # two tables measured apart: the default that absorbs drift
     reg = [p for p in data["points"] if p["status"] == "regression"]
     assert {p["tokens"] for p in reg} == {50, 197} and reg[0]["units"] == ["blocks.0", "blocks.1"]
     out = runner.invoke(check, args + ["--format", "junit"])

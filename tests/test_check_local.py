@@ -1,6 +1,7 @@
 """A real regression check on `local`: measure a baseline, re-measure and check against it (passes),
 then check a deliberately slowed candidate (measured while busy processes compete for every core: fails)."""
 
+import json
 import os
 import subprocess
 import sys
@@ -50,7 +51,12 @@ def test_interleaved_check_of_two_builds(workdir, tmp_path):
     build_and_write(store_path(workdir, "chk"), tmp_path / "base.csv")
     out = CliRunner().invoke(main, ["check", "--device", str(cfg), "--model", "deit_t", "--baseline",
                                     str(tmp_path / "base.csv"), "--units", "blocks.0", "--interleave",
-                                    "--baseline-build", str(workdir), "--tolerance", "median:25%", "--format", "json"])
+                                    "--baseline-build", str(workdir), "--tolerance", "median:25%", "--format", "json",
+                                    "--output", str(tmp_path / "report.json")])
     assert out.exit_code == 0, out.output
     stores = sorted(p.name.split("-")[1] for p in (workdir / "samples").glob("interleave-*.jsonl"))
     assert stores == ["baseline", "candidate"]
+    # the two alternated series are compared pair by pair: --repeats 40 samples per side (the default),
+    # one run each (--number 1), not the table's 25 samples of >= 10 ms
+    point, = json.loads((tmp_path / "report.json").read_text())["points"]
+    assert point["method"] == "sign-test" and point["n_baseline"] == point["n_candidate"] == 40

@@ -149,3 +149,68 @@ def test_large_samples_stay_cheap():
     v = stats.compare(rng.lognormal(0, 0.05, 3000), rng.lognormal(0.1, 0.05, 3000), "median:5%")
     assert v.status == stats.REGRESSION and v.hl_ratio == pytest.approx(np.exp(0.1), rel=0.01)
     assert stats.min_attainable_p(600, 600) == 0.0
+
+
+# -- paired comparisons (interleaved measurement) ------------------------------------------------------
+@pytest.mark.parametrize("n,k", [(6, 0), (12, 3), (25, 10), (60, 22), (1500, 700)])
+def test_sign_test_matches_scipy(n, k):
+    d = np.r_[-np.ones(k), np.ones(n - k), np.zeros(3)]  # zero differences carry no sign: dropped
+    ref = scipy_stats.binomtest(k, n, 0.5).pvalue
+    assert stats.sign_test(d) == pytest.approx(ref, rel=1e-9 if n <= 1000 else 0.05)
+
+
+def test_sign_test_all_one_sign_is_the_smallest_p():
+    assert stats.sign_test(np.arange(1, 6) * 0.1) == pytest.approx(2 / 2 ** 5)
+
+
+def _drifting_rounds(n, slowdown, seed, drift=0.25, noise=0.01):
+    """Each round's machine state (load, clock) scales both builds alike; within a round little noise."""
+    rng = np.random.default_rng(seed)
+    state = rng.lognormal(0, drift, n)
+    base = state * rng.lognormal(0, noise, n)
+    cand = state * slowdown * rng.lognormal(0, noise, n)
+    return base, cand
+
+
+def test_pairing_sees_a_slowdown_that_round_to_round_drift_hides():
+    base, cand = _drifting_rounds(30, 1.08, seed=1)
+    paired = stats.compare(base, cand, "median:3%", paired=True)
+    assert paired.method == "sign-test" and paired.status == stats.REGRESSION
+    assert paired.ratio == pytest.approx(1.08, rel=0.01)
+    unpaired = stats.compare(base, cand, "median:3%")
+    assert unpaired.method == "mann-whitney" and unpaired.status != stats.REGRESSION
+
+
+def test_pairing_with_nothing_changed_raises_no_alarm():
+    alarms = sum(stats.compare(*_drifting_rounds(30, 1.0, seed=s), "median:3%", paired=True).status == stats.REGRESSION
+                 for s in range(40))
+    assert alarms == 0
+
+
+def test_pairing_falls_back_when_samples_do_not_pair():
+    base, cand = _drifting_rounds(30, 1.08, seed=2)
+    assert stats.compare(base, cand[:-1], "median:3%", paired=True).method == "mann-whitney"  # unequal counts
+    assert stats.compare(base, cand, "min:3%", paired=True).method == "mann-whitney"  # not the median's ratio
+    assert stats.compare(base[:4], cand[:4], "median:3%", paired=True).method != "sign-test"  # 2/2^4 > alpha
+
+
+def test_paired_noisy_point_estimates_repeats_from_the_pair_differences():
+    rng = np.random.default_rng(5)
+    base = rng.lognormal(0, 0.01, 12)
+    cand = base * rng.lognormal(0.02, 0.08, 12)  # pairs disagree a lot: cannot decide a 3% tolerance
+    v = stats.compare(base, cand, "median:3%", paired=True)
+    assert v.method == "sign-test" and v.status == stats.NOISY
+    assert v.repeats_needed > 12
+
+
+def test_pairing_shrugs_off_stalled_samples():
+    """Another process stalls a few samples on either side by 30-150%: the pairs those hit vote once each,
+    whatever the size of the stall, so a 6% slowdown in the rest still shows."""
+    base, cand = _drifting_rounds(40, 1.06, seed=3, drift=0.05)
+    rng = np.random.default_rng(4)
+    for side in (base, cand):
+        hit = rng.choice(40, 5, replace=False)
+        side[hit] *= rng.uniform(1.3, 2.5, 5)
+    v = stats.compare(base, cand, "median:3%", paired=True)
+    assert v.method == "sign-test" and v.status == stats.REGRESSION
+    assert v.ratio == pytest.approx(1.06, abs=0.015)

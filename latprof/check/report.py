@@ -29,8 +29,8 @@ def _rows(result: CheckResult) -> list[list[str]]:
         note = f"~{v.repeats_needed} repeats/side would decide" if v.repeats_needed else ""
         rows.append([
             _MARK[v.status], p.model, p.label, str(p.tokens), f"{v.baseline_ms:.4g}", f"{v.candidate_ms:.4g}",
-            f"{v.change_pct:+.1f}%", f"{v.ci_low:.3f}..{v.ci_high:.3f}", _p(v.p_adjusted) if v.method == "mann-whitney" else "ci",
-            f"{v.n_baseline}/{v.n_candidate}", note,
+            f"{v.change_pct:+.1f}%", f"{v.ci_low:.3f}..{v.ci_high:.3f}", _p(v.p_adjusted) if v.method != "ci-overlap" else "ci",
+            f"{v.n_baseline} pairs" if v.method == "sign-test" else f"{v.n_baseline}/{v.n_candidate}", note,
         ])
     return rows
 

@@ -91,8 +91,10 @@ def _split(value) -> list[str]:
 
 def run_check(baseline, candidate, tolerance="median:5%", alpha: float = stats.DEFAULT_ALPHA,
               units: Sequence[str] | str | None = None, models: Sequence[str] | str | None = None,
-              tokens: Sequence[int] | None = None, strict: bool = False, seed: int = 0) -> CheckResult:
-    """Compare ``candidate`` (freshly measured :class:`LutTable`) with ``baseline``.
+              tokens: Sequence[int] | None = None, strict: bool = False, seed: int = 0,
+              paired: bool = False) -> CheckResult:
+    """Compare ``candidate`` (freshly measured :class:`LutTable`) with ``baseline``. ``paired``: the two
+    tables' samples were measured in alternation, sample i of each in the same round (``--interleave``).
 
     Raises :class:`LutError` when the tables are not comparable and :class:`UsageError` when the
     selection matches nothing."""
@@ -137,7 +139,7 @@ def run_check(baseline, candidate, tolerance="median:5%", alpha: float = stats.D
     for key, unit_names in groups.items():
         pairs.append((_samples(key[5]), _samples(key[6])))
         meta.append((key[0], unit_names, key[1]))
-    verdicts = stats.compare_many(pairs, tolerance, alpha, seed=seed)
+    verdicts = stats.compare_many(pairs, tolerance, alpha, seed=seed, paired=paired)
     points = [PointResult(m, u, t, v) for (m, u, t), v in zip(meta, verdicts)]
     shift = _global_shift(verdicts)
     if shift is not None:

@@ -16,6 +16,13 @@ Pure numpy (scipy is not a runtime dependency). The decision for one (unit, toke
 4. **Noisy.** Not significant, but the ratio's confidence interval reaches beyond the tolerance: the data
    can neither show nor rule out a regression. The verdict then carries a power-style estimate of the
    repeats per side that would decide a change of the tolerance's size.
+5. **Paired samples.** When the two builds were measured in alternation (``--interleave``), sample i of
+   each side comes from the same round, moments apart, and shares that moment's machine state. Comparing
+   them pair by pair removes the load that drifts from round to round: the sign test on the per-pair
+   ratios, and the median of those ratios as the change. On this machine that caught 5% slowdowns as
+   often as the unpaired test or more, with no more false alarms (benchmarks/regress.py; figures in
+   docs/ci.md). Used for ``median:`` tolerances when both sides have the same number of samples;
+   otherwise the unpaired test above.
 """
 
 from __future__ import annotations
@@ -183,6 +190,25 @@ def mann_whitney_u(x, y, method: str = "auto") -> tuple[float, float]:
     return u1, float(min(1.0, p))
 
 
+def sign_test(d) -> float:
+    """Two-sided p of the sign test that the paired differences ``d`` have median 0: exact binomial over
+    the non-zero differences (normal approximation with continuity correction past 1000 of them).
+
+    Chosen over Wilcoxon's signed-rank test for interleaved timings: a sample stalled by another process
+    gives a huge |difference| of either sign, and signed ranks weigh exactly those most (on this machine,
+    under bursty contention, the signed-rank test caught 66-70% of 5% slowdowns, the sign test 87-91%)."""
+    d = np.asarray(d, dtype=float).ravel()
+    d = d[d != 0]
+    n = len(d)
+    if n == 0:
+        return 1.0
+    k = int(min((d > 0).sum(), (d < 0).sum()))
+    if n <= 1000:
+        return float(min(1.0, 2 * sum(math.comb(n, i) for i in range(k + 1)) / 2 ** n))
+    z = max((n / 2.0 - k - 0.5) / math.sqrt(n / 4.0), 0.0)
+    return float(min(1.0, math.erfc(z / math.sqrt(2.0))))
+
+
 def min_attainable_p(n1: int, n2: int) -> float:
     """Smallest two-sided p-value the exact U test can give for these sample sizes."""
     if n1 + n2 > 1000:  # the binomial coefficient would not fit a float: the p-value can be anything
@@ -227,12 +253,12 @@ class Verdict:
     """The outcome for one compared point."""
 
     status: str                 # regression | improvement | unchanged | noisy
-    ratio: float                # candidate / baseline of the tolerance's statistic
+    ratio: float                # candidate / baseline of the tolerance's statistic (paired: median per-pair ratio)
     ci_low: float               # simultaneous confidence interval of that ratio
     ci_high: float
     p_value: float              # raw two-sided Mann-Whitney p (nan when the CI-overlap test decided)
     p_adjusted: float           # Holm-adjusted over the check run
-    method: str                 # mann-whitney | ci-overlap
+    method: str                 # mann-whitney | ci-overlap | sign-test (paired)
     significant: bool
     baseline_ms: float          # the statistic on each side
     candidate_ms: float
@@ -266,15 +292,39 @@ class _Point:
     log_se: float
     base_boot: np.ndarray = field(repr=False)
     cand_boot: np.ndarray = field(repr=False)
+    diffs: np.ndarray | None = field(default=None, repr=False)  # per-pair log ratios (paired points)
 
 
-def _prepare(baseline, candidate, tolerance: Tolerance, alpha_point: float, rng, resamples: int) -> _Point:
+def _check_samples(baseline, candidate) -> tuple[np.ndarray, np.ndarray]:
     b = np.asarray(baseline, dtype=float).ravel()
     c = np.asarray(candidate, dtype=float).ravel()
     if len(b) == 0 or len(c) == 0:
         raise UsageError("a compared point has no samples", "re-measure it with more repeats")
     if (b <= 0).any() or (c <= 0).any() or not (np.isfinite(b).all() and np.isfinite(c).all()):
         raise UsageError("latency samples must be positive and finite", "rebuild the table from its raw samples")
+    return b, c
+
+
+def _pairable(b: np.ndarray, c: np.ndarray, tolerance: Tolerance, alpha_point: float) -> bool:
+    """Can this point be compared pair by pair: same count on both sides, the median's tolerance, and
+    enough pairs for the sign test to reach the point's level at all (2 / 2^n <= alpha)."""
+    return (len(b) == len(c) and tolerance.stat == "median"
+            and len(b) * math.log(2) >= math.log(2 / alpha_point))
+
+
+def _prepare_paired(b: np.ndarray, c: np.ndarray, tolerance: Tolerance, rng, resamples: int) -> _Point:
+    d = np.log(c) - np.log(b)
+    boot = np.median(d[rng.integers(0, len(d), size=(resamples, len(d)))], axis=1)  # pairs resampled together
+    log_se = float(np.std(boot, ddof=1)) if resamples > 1 else 0.0
+    return _Point(b, c, sign_test(d), "sign-test", tolerance.statistic(b), tolerance.statistic(c),
+                  float(np.median(d)), log_se, np.empty(0), np.empty(0), diffs=d)
+
+
+def _prepare(baseline, candidate, tolerance: Tolerance, alpha_point: float, rng, resamples: int,
+             paired: bool = False) -> _Point:
+    b, c = _check_samples(baseline, candidate)
+    if paired and _pairable(b, c, tolerance, alpha_point):
+        return _prepare_paired(b, c, tolerance, rng, resamples)
     base_stat, cand_stat = tolerance.statistic(b), tolerance.statistic(c)
     bb = _bootstrap_stats(b, tolerance.stat, rng, resamples)
     cb = _bootstrap_stats(c, tolerance.stat, rng, resamples)
@@ -296,20 +346,22 @@ def _repeats_needed(point: _Point, tolerance: Tolerance, alpha_point: float) -> 
     delta = math.log(tolerance.upper_ratio(point.base_stat))
     z = _NORMAL.inv_cdf(1 - alpha_point / 2) + _NORMAL.inv_cdf(POWER)
     # the bootstrap underestimates the spread of a median of few samples: take the larger of its
-    # estimate and the large-sample one (var of a median ~ pi/2 * sigma^2 / n, sigma from each side's MAD)
-    sig = [1.4826 * float(np.median(np.abs(v - np.median(v)))) for v in (np.log(point.base), np.log(point.cand))]
-    analytic = math.pi / 2 * (sig[0] ** 2 + sig[1] ** 2) * (z / delta) ** 2
+    # estimate and the large-sample one (var of a median ~ pi/2 * sigma^2 / n, sigma from each side's MAD;
+    # paired: from the MAD of the per-pair differences)
+    sides = [point.diffs] if point.diffs is not None else [np.log(point.base), np.log(point.cand)]
+    sig = [1.4826 * float(np.median(np.abs(v - np.median(v)))) for v in sides]
+    analytic = math.pi / 2 * sum(x ** 2 for x in sig) * (z / delta) ** 2
     needed = max(n_now * (z * point.log_se / delta) ** 2, analytic)
     return int(max(math.ceil(needed), math.ceil(n_now) + 1))
 
 
 def _decide(point: _Point, p_adj: float, tolerance: Tolerance, alpha: float, alpha_point: float) -> Verdict:
-    ratio = point.cand_stat / point.base_stat
+    ratio = math.exp(point.log_ratio)
     z = _NORMAL.inv_cdf(1 - alpha_point / 2)
     ci_low = math.exp(point.log_ratio - z * point.log_se)
     ci_high = math.exp(point.log_ratio + z * point.log_se)
     hi_lim, lo_lim = tolerance.upper_ratio(point.base_stat), tolerance.lower_ratio(point.base_stat)
-    if point.method == "mann-whitney":
+    if point.method in ("mann-whitney", "sign-test"):
         significant = bool(p_adj <= alpha)
     else:
         # asv's fallback for few samples: the statistics' own confidence intervals must not overlap
@@ -345,12 +397,13 @@ def _decide(point: _Point, p_adj: float, tolerance: Tolerance, alpha: float, alp
 
 
 def compare_many(pairs, tolerance="median:5%", alpha: float = DEFAULT_ALPHA, seed: int = 0,
-                 resamples: int = BOOTSTRAP_RESAMPLES) -> list[Verdict]:
+                 resamples: int = BOOTSTRAP_RESAMPLES, paired: bool = False) -> list[Verdict]:
     """Compare many (baseline_samples, candidate_samples) pairs tested together in one check run.
 
     Significance is Holm-adjusted over all pairs; confidence intervals are Bonferroni-simultaneous, so
     the probability that a run with nothing changed reports any significant difference is at most
-    ``alpha``, however many points it checks."""
+    ``alpha``, however many points it checks. ``paired``: sample i of both sides was measured in the same
+    round (interleaved), so points with equal counts are compared pair by pair."""
     tolerance = parse_tolerance(tolerance)
     if not 0 < alpha < 1:
         raise UsageError(f"alpha must lie in (0, 1), got {alpha}", "use e.g. --alpha 0.01")
@@ -359,7 +412,7 @@ def compare_many(pairs, tolerance="median:5%", alpha: float = DEFAULT_ALPHA, see
         return []
     alpha_point = alpha / len(pairs)
     rng = np.random.default_rng(seed)
-    points = [_prepare(b, c, tolerance, alpha_point, rng, resamples) for b, c in pairs]
+    points = [_prepare(b, c, tolerance, alpha_point, rng, resamples, paired) for b, c in pairs]
     raw = np.array([pt.p for pt in points])
     tested = ~np.isnan(raw)
     adj = np.full(len(points), float("nan"))
@@ -371,6 +424,6 @@ def compare_many(pairs, tolerance="median:5%", alpha: float = DEFAULT_ALPHA, see
 
 
 def compare(baseline_samples, candidate_samples, tolerance="median:5%", alpha: float = DEFAULT_ALPHA,
-            seed: int = 0) -> Verdict:
+            seed: int = 0, paired: bool = False) -> Verdict:
     """Compare one point: a :class:`Verdict` (regression / improvement / unchanged / noisy)."""
-    return compare_many([(baseline_samples, candidate_samples)], tolerance, alpha, seed)[0]
+    return compare_many([(baseline_samples, candidate_samples)], tolerance, alpha, seed, paired=paired)[0]

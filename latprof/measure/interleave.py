@@ -23,9 +23,11 @@ from latprof.progress import bar_factory
 
 def remeasure_interleaved(baseline, device: str | DeviceConfig, models: list[str], units: list[str] | None = None,
                           baseline_build: str | Path | None = None, rounds: int = 5, workdir: Path | None = None,
-                          progress: bool = True):
+                          progress: bool = True, repeats: int | None = None, number: int | None = None):
     """(fresh baseline table, candidate table): the baseline build's modules and the current ones,
-    timed alternately with the baseline's settings."""
+    timed alternately with the baseline's settings, except `repeats` (samples per side, spread over the
+    rounds) and `number` (runs per sample) where given: both sides are measured now, alike, so these
+    may differ from the table's."""
     from latprof.lut.build import build_lut
 
     if not baseline_build or not Path(baseline_build).is_dir():
@@ -33,8 +35,9 @@ def remeasure_interleaved(baseline, device: str | DeviceConfig, models: list[str
                          "pass --baseline-build DIR: the baseline's latprof workdir (its latprof-work/)")
     cfg, engine, trials = like_baseline(device, baseline)
     prov = baseline.provenance
-    per_round = max(1, cfg.measure["repeats"] // max(rounds, 1))
-    cfg = dataclasses.replace(cfg, measure={**cfg.measure, "repeats": per_round})
+    measure = {**cfg.measure, **({"number": number} if number is not None else {})}
+    per_round = max(1, (repeats or measure["repeats"]) // max(rounds, 1))
+    cfg = dataclasses.replace(cfg, measure={**measure, "repeats": per_round})
     builds = {"baseline": Path(baseline_build), "candidate": Path(workdir or default_workdir())}
     stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%S%f")
     stores = {k: SampleStore(builds["candidate"] / "samples" / f"interleave-{k}-{cfg.name}-{stamp}.jsonl") for k in builds}
