@@ -154,11 +154,11 @@ def test_transfer_candidates_are_correct(tuned):
     for name, task in tasks[16].items():
         rec = db.query_tuning_record(task.dispatched[0], eng.target, "main")
         assert rec is not None, name
-        sources.setdefault(tuning.signature(task), {})[name] = rec.trace
+        sources.setdefault(tuning.signature(task), {})[name] = (rec.trace, rec.workload.mod)
     rng = np.random.default_rng(0)
     labels = set()
     for name, task in tasks[13].items():
-        cands = tuning.candidates(sources[tuning.signature(task)], task.dispatched[0])
+        cands = tuning.candidates(sources[tuning.signature(task)], task.dispatched[0], eng.target)
         assert cands, name
         infos = ms.arg_info.ArgInfo.from_prim_func(task.dispatched[0]["main"])
         args = [rng.standard_normal([int(s) for s in a.shape]).astype(str(a.dtype)) for a in infos]
@@ -220,3 +220,83 @@ def test_verify_rejects_a_schedule_that_computes_something_else():
     cache = {}
     assert tuning.verify(task, fast, cache) and tuning.verify(task, naive, cache)
     assert not tuning.verify(task, Schedule(_matmul_mod(off_by_one=True)), cache)
+
+
+def _token_matmul(n: int, name: str = "matmul"):
+    """An attention-times-V-like task: the token count is a spatial axis and the reduction axis."""
+    import tvm
+    from tvm import te
+
+    a, b = te.placeholder((1, n, n), name="a"), te.placeholder((1, n, 16), name="b")
+    k = te.reduce_axis((0, n), name="k")
+    c = te.compute((1, n, 16), lambda z, i, j: te.sum(a[z, i, k] * b[z, k, j], axis=k), name=name)
+    return tvm.IRModule({"main": te.create_prim_func([a, b, c])})
+
+
+def _tiled_trace(mod, block: str = "matmul"):
+    """A MetaSchedule-like trace at the anchor (N=16): perfect tiles sampled per loop, then reordered."""
+    from tvm.s_tir import Schedule
+
+    sch = Schedule(mod)
+    b = sch.get_sblock(block)
+    z, i, j, k = sch.get_loops(b)
+    ti = sch.split(i, sch.sample_perfect_tile(i, n=4, decision=[1, 2, 2, 4]))
+    tj = sch.split(j, sch.sample_perfect_tile(j, n=4, decision=[1, 1, 2, 8]))
+    tk = sch.split(k, sch.sample_perfect_tile(k, n=2, decision=[4, 4]))
+    sch.reorder(ti[0], tj[0], ti[1], tj[1], tk[0], ti[2], tj[2], tk[1], ti[3], tj[3])
+    sch.annotate(sch.get_sblock("root"), "meta_schedule.vectorize", 16)
+    return sch.trace
+
+
+def test_padded_transfer_fits_the_anchor_tiles_and_stays_exact(tmp_path):
+    """At a token count the anchor's tiles do not divide (20 here, 197 in DeiT), the matmul is padded
+    with zeros to a multiple of 8 or 16, so the tiles fit; the result (a reduction over tokens included)
+    is what the unscheduled task computes, and the stored trace pads again when the database replays it."""
+    import tvm
+
+    from latprof.compile import tvmlib
+
+    target = tvm.target.Target({"kind": "llvm", "num-cores": 1})
+    src, dst = _token_matmul(16), _token_matmul(20)
+    cands = tuning.candidates({"matmul": (_tiled_trace(src), src)}, dst, target)
+    assert {"pad8:divisors", "pad16:divisors", "divisors"} <= set(cands)
+    assert not any(k.startswith("pad") for k in tuning.candidates({"matmul": (_tiled_trace(src), src)}, dst))
+    for label, padded in (("pad8:divisors", 24), ("pad16:divisors", 32)):
+        sch = cands[label]
+        assert tuning.verify(dst, sch), label
+        block = sch.get(sch.get_sblock("matmul_update"))  # the postprocessors split off its init
+        assert [int(iv.dom.extent) for iv in block.iter_vars] == [1, padded, 16, padded]  # tokens and reduction
+        assert "pad_einsum" in str(sch.trace)
+    db = tvmlib.database(tmp_path)
+    task = type("Task", (), {"dispatched": [dst]})()
+    tuning.commit(db, task, cands["pad16:divisors"], [1e-3], target)
+    tvm.ir.assert_structural_equal(db.query_schedule(dst, target, "main").mod, cands["pad16:divisors"].mod)
+    # a re-done transfer replaces the stored one even when that one was timed faster in another run
+    tuning.commit(db, task, cands["divisors"], [5e-3], target)
+    tvm.ir.assert_structural_equal(db.query_schedule(dst, target, "main").mod, cands["divisors"].mod)
+
+
+def test_only_matmul_blocks_are_padded():
+    """Zeros appended to a max reduction would change it: a task without a matmul block gets no pads."""
+    from tvm import te
+    import tvm
+
+    def max_task(n):
+        a = te.placeholder((1, n, n), name="a")
+        k = te.reduce_axis((0, n), name="k")
+        c = te.compute((1, n), lambda z, i: te.max(a[z, i, k], axis=k), name="red")
+        return tvm.IRModule({"main": te.create_prim_func([a, c])})
+
+    assert tuning._token_pads(max_task(16), max_task(13), 8) is None
+    assert tuning._token_pads(_token_matmul(16), _token_matmul(13), 8) == [1, 8, 1, 8]
+    assert tuning._token_pads(_token_matmul(16), _token_matmul(24), 8) is None  # already a multiple
+
+
+def test_transfers_made_before_padding_are_done_again(tmp_path):
+    db = tuning.TuningDB(tmp_path)
+    db.record("old", trials=16, transferred_from=192, refit="divisors")
+    db.record("new", trials=16, transferred_from=192, refit="pad8:divisors", transfer=tuning.TRANSFER_VERSION)
+    db.record("tuned", trials=16)
+    assert not db.transferred("old", 16)
+    assert db.transferred("new", 16) and db.transferred("tuned", 16)
+    assert not db.transferred("new", 64)  # a larger budget is a new transfer too

@@ -215,9 +215,10 @@ class TVMEngine:
             for t in tasks[g.digest]:
                 key = tuning.task_key(t)
                 recs = sources.get(tuning.signature(t))
-                if key in pending or db.trials(key) >= self.trials or not recs:
+                if key in pending or db.transferred(key, self.trials) or not recs:
                     continue
-                cands = tuning.candidates({name: r.trace for name, r in recs.items()}, t.dispatched[0])
+                cands = tuning.candidates({name: (r.trace, r.workload.mod) for name, r in recs.items()},
+                                          t.dispatched[0], self.target)
                 if cands:
                     pending[key] = (t, src.tokens, cands, min(sum(map(float, r.run_secs)) for r in recs.values()))
         # several candidates are timed on the device; a lone one needs no timing (it keeps the anchor's)
@@ -259,6 +260,7 @@ class TVMEngine:
             if failed.get(key):
                 extra["failed"] = failed[key]
             db.record(key, trials=self.trials, name=task.task_name, transferred_from=src_tokens, refit=chosen,
+                      transfer=tuning.TRANSFER_VERSION,
                       rejected=rejected, **extra)
         db.save()
 
