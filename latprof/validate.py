@@ -232,7 +232,7 @@ def table_engine(table, cfg, spec, workdir: Path):
         eng = get_engine(engine, cfg, workdir, trials)
     if eng.tuning_label() != tuning:
         raise LutError(f"the table was measured with tuning '{tuning}', the device config gives '{eng.tuning_label()}'",
-                       "validate with the device config and workdir the table was measured with")
+                       "validate with the device config and workdir the table was measured with, or re-measure the table")
     return eng
 
 

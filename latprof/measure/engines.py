@@ -120,10 +120,11 @@ class TVMEngine:
         self.anchors: list[int] = []  # set by the runner from the model and config
 
     def tuning_label(self) -> str:
-        """Recorded with every row: trials per task, and the anchor token counts they were spent at."""
+        """Recorded with every row (and part of every sample's key): trials per task, the anchor token
+        counts they were spent at, and the way schedules were transferred to the other counts."""
         if self.trials <= 0:
             return "untuned"
-        return f"metaschedule:{self.trials}@" + "+".join(map(str, self.anchors))
+        return f"metaschedule:{self.trials}@" + "+".join(map(str, self.anchors)) + f"/transfer{tuning.TRANSFER_VERSION}"
 
     def target_label(self) -> str:
         return json.dumps(self.target_spec, sort_keys=True)
