@@ -35,7 +35,7 @@ def write_cfg(path: Path, engine: str, threads: int, repeats: int, trials: int) 
         "measure": {"warmup": 3, "repeats": repeats, "number": 0, "min_repeat_ms": 25, "reference_every": 8},
     }
     if engine == "tvm":
-        cfg["tuning"] = {"trials_per_task": trials, "max_minutes": 30}
+        cfg["tuning"] = {"trials_per_task": trials}
     path.write_text(yaml.safe_dump(cfg))
     return path
 
@@ -77,8 +77,10 @@ def main(argv=None) -> int:
     table = build_and_write(res.store, lut, engine=res.engine)
     t1 = time.time()
     loads.append(os.getloadavg()[0])
-    print(f"engine {res.engine} ({table.provenance.get('tuning')}), {args.threads} thread(s), grid {args.grid}, "
-          f"{args.repeats} repeats, model {args.model}; table {t1 - t0:.0f} s; reference drift during the table "
+    settings = table.provenance.get("settings") or {}  # the device config's, when --device is given
+    threads, repeats = settings.get("threads", args.threads), settings.get("repeats", args.repeats)
+    print(f"engine {res.engine} ({table.provenance.get('tuning')}), {threads} thread(s), grid {args.grid}, "
+          f"{repeats} repeats, model {args.model}; table {t1 - t0:.0f} s; reference drift during the table "
           f"{table.provenance.get('reference_drift') or 0:.1%}", flush=True)
     for stat in args.stats.split(","):
         if overhead_path(lut).exists():
@@ -95,7 +97,7 @@ def main(argv=None) -> int:
               f"{oh.per_call_ms * 1e3:.1f} us, scale {oh.scale:.3f} (±{oh.spread:.3f}); {time.time() - t1:.0f} s")
         print(format_validation(val))
         errs_raw = [c.sum_ms / c.measured_ms - 1 for c in val.configs]
-        print(f"FIDELITY engine={res.engine} tuning={table.provenance.get('tuning')} threads={args.threads} stat={stat} "
+        print(f"FIDELITY engine={res.engine} tuning={table.provenance.get('tuning')} threads={threads} stat={stat} "
               f"K={len(val.configs)}: calibrated {val.within(0.05):.0%} within ±5%, {val.within(0.10):.0%} within ±10%; "
               f"plain sum {val.within(0.05, raw=True):.0%} / {val.within(0.10, raw=True):.0%} "
               f"(plain-sum median error {statistics.median(errs_raw):+.1%}); drift-corrected: calibrated "

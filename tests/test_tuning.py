@@ -300,3 +300,15 @@ def test_transfers_made_before_padding_are_done_again(tmp_path):
     assert not db.transferred("old", 16)
     assert db.transferred("new", 16) and db.transferred("tuned", 16)
     assert not db.transferred("new", 64)  # a larger budget is a new transfer too
+
+
+@pytest.mark.parametrize("name,heavy", [
+    ("fused_matmul4_add3_divide_fast_erf_add4_multiply1_multiply2", True), ("matmul1", True),
+    ("fused_einsum3_add6", True), ("fast_softmax", True), ("log_softmax", True), ("layer_norm1", True),
+    ("fused_conv2d_add", True), ("sum8", True), ("fused_fast_exp1_cast1_cast1_multiply24", True),
+    ("fused_expand_dims1_broadcast_to2_less1_add16_where2", False),  # "exp" inside "expand"
+    ("fused_maximum1_tir_log_strided_slice2", False),  # elementwise maximum, not a max reduction
+    ("fused_reshape_transpose_split", False), ("fused_squeeze_multiply", False),
+])
+def test_heavy_tasks_are_named_by_whole_operator_words(name, heavy):
+    assert tuning.is_heavy(name) is heavy

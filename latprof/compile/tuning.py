@@ -27,7 +27,10 @@ from pathlib import Path
 
 from latprof.lut.table import atomic_write_text
 
-HEAVY = re.compile(r"matmul|softmax|layer_norm|erf|conv|mean|variance|sum|max|exp|dense")
+# The operators worth tuning, as whole words of a task name: a bare substring match once took
+# "expand_dims" for exp and "maximum" (elementwise) for a max reduction, and every whole pruned model in
+# `validate` then tuned a dozen reshaping tasks at 16 trials each.
+HEAVY = re.compile(r"(?<![a-z])(matmul|einsum|dense|conv|softmax|layer_norm|erf|mean|variance|sum|max|exp)(?![a-z])")
 
 
 def is_heavy(task_name: str) -> bool:
