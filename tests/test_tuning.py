@@ -211,6 +211,51 @@ def test_session_runner_times_candidates_on_the_device(monkeypatch, tmp_path):
     assert t_fast < t_naive / 4, (t_naive, t_fast)
 
 
+def test_candidates_build_without_importing_every_tensor_intrinsic():
+    """MetaSchedule's default build imports tvm.s_tir.tensor_intrin (every intrinsic TVM has: 25-50 s
+    here) in each builder worker, and its builder starts fresh workers for every batch; ours does not,
+    and what it builds runs."""
+    import subprocess
+    import sys
+
+    from latprof.compile import tvmlib
+
+    assert tvmlib.candidate_builder()._inst.f_build is tvmlib.build_candidate  # what its workers call
+    code = (
+        "import sys, numpy as np, tvm\n"
+        "from tvm import te\n"
+        "from latprof.compile import tvmlib\n"
+        "a = te.placeholder((8,), name='a'); b = te.compute((8,), lambda i: a[i] * 2.0, name='b')\n"
+        "lib = tvmlib.build_candidate(tvm.IRModule({'main': te.create_prim_func([a, b])}), tvm.target.Target('llvm'))\n"
+        "x = tvm.runtime.tensor(np.arange(8, dtype='float32')); y = tvm.runtime.tensor(np.zeros(8, 'float32'))\n"
+        "lib['main'](x, y)\n"
+        "print(float(y.numpy().sum()), 'tvm.s_tir.tensor_intrin' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split()[-2:] == ["56.0", "False"], out.stdout
+
+
+def test_a_task_whose_search_space_is_used_up_is_ended():
+    """The search strategy ends a task (None) when the evolutionary search has no unmeasured candidate
+    left ([]), instead of MetaSchedule picking it again; candidates and None pass through."""
+    from latprof.compile import tvmlib
+
+    class Inner:
+        def __init__(self, out):
+            self.out = out
+
+        def generate_measure_candidates(self):
+            return self.out
+
+    def ending(out):
+        return type(tvmlib._ending_search()._inst)(Inner(out))  # the Python class behind the TVM object
+
+    assert ending([]).generate_measure_candidates() is None
+    assert ending(None).generate_measure_candidates() is None
+    assert ending(["candidate"]).generate_measure_candidates() == ["candidate"]
+
+
 def test_verify_rejects_a_schedule_that_computes_something_else():
     """Transferred schedules are checked on this CPU against the unscheduled task before they are kept."""
     from tvm.s_tir import Schedule
