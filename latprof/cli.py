@@ -132,27 +132,31 @@ def tune(device, model, tokens, trials, workdir, quiet):
     click.echo(f"{len(libs)} graphs tuned ({eng.tuning_label()}) and compiled; database in {eng.tuning_dir}")
 
 
-def _build(store: Path, out: Path, engine: str | None):
+def _build(store: Path, out: Path, engine: str | None, raw: bool = False):
     from latprof.lut.build import build_and_write
 
-    table = build_and_write(store, out, engine=engine)
+    table = build_and_write(store, out, engine=engine, drift_correction=not raw)
     drift = table.provenance.get("reference_drift")
+    corr = table.provenance.get("drift_correction")
     click.echo(f"wrote {out}: {len(table.frame)} rows, {table.frame['model'].nunique()} model(s), engine "
                f"{table.provenance['engine']}, tuning {table.provenance['tuning']}"
-               + (f", reference drift {drift:.1%}" if drift is not None else ""))
+               + (f", reference drift {drift:.1%}" if drift is not None else "")
+               + (f" (points scaled by {corr['factor_min']:.3f}..{corr['factor_max']:.3f} to one machine state)"
+                  if corr else ""))
 
 
 @main.command("build-lut")
 @click.option("--device", required=True, help="Device name whose raw samples to use.")
 @click.option("--out", type=click.Path(path_type=Path), default=None, help="Default: luts/<device>.csv")
 @click.option("--engine", type=click.Choice(["tvm", "onnxruntime"]), default=None)
+@click.option("--raw", is_flag=True, help="No drift correction: the samples as measured.")
 @workdir_option
-def build_lut(device, out, engine, workdir):
+def build_lut(device, out, engine, raw, workdir):
     """Turn raw samples into luts/<device>.csv (median, spread, CI, samples, provenance)."""
     from latprof.measure.runner import default_workdir, store_path
 
     name = Path(device).stem if device.endswith((".yaml", ".yml")) else device
-    _build(store_path(Path(workdir or default_workdir()), name), out or Path("luts") / f"{name}.csv", engine)
+    _build(store_path(Path(workdir or default_workdir()), name), out or Path("luts") / f"{name}.csv", engine, raw)
 
 
 def _register_optional():

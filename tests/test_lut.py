@@ -75,3 +75,37 @@ def test_median_ci_covers_the_median():
         lo, hi = median_ci(s)
         hits += lo <= 1.0 <= hi  # true median of lognormal(0, .) is 1
     assert 0.92 <= hits / 400 <= 0.995
+
+
+def _sample(time: str, tokens: int, ms: float, unit: str = "block", reference: bool = False) -> dict:
+    return {"device": "d", "engine": "tvm", "target": "t", "tuning": "untuned", "settings": {"threads": 1},
+            "model": "deit_t", "unit": unit, "tokens": tokens, "graph": f"g{tokens}", "reference": reference,
+            "time": f"2026-11-23T21:{time}+00:00", "samples_ms": [ms * 0.99, ms, ms * 1.01], "info": {}}
+
+
+def test_build_lut_corrects_points_by_the_references_around_them(tmp_path):
+    """Points measured while the machine was slow (its reference unit slower around them) are scaled to
+    the run's median reference; --raw keeps them as measured. Here the reference ran 3.0 ms for the
+    first points and 4.0 ms for the later ones (two runs, minutes apart, as seen on this host)."""
+    from latprof.lut.build import build_lut
+    from latprof.measure.samples import SampleStore
+
+    store = SampleStore(tmp_path / "s.jsonl")
+    for rec in [_sample("00:00", 197, 3.0, reference=True), _sample("00:01", 49, 1.0), _sample("00:02", 197, 3.0),
+                _sample("00:03", 197, 3.0, reference=True),
+                _sample("10:00", 197, 4.0, reference=True), _sample("10:01", 97, 8.0 / 3.0),
+                _sample("10:02", 197, 4.0, reference=True)]:
+        store.append(rec)
+
+    def row(table, n):
+        f = table.frame
+        return float(f[(f["unit"] == "blocks.0") & (f["tokens"] == n)]["median_ms"].iloc[0])
+
+    fixed, raw = build_lut(store.path), build_lut(store.path, drift_correction=False)
+    assert row(raw, 49) == pytest.approx(1.0) and row(raw, 97) == pytest.approx(8 / 3)
+    # the median reference is 3.5 ms: the fast stretch is scaled up by 3.5/3, the slow one down by 3.5/4
+    assert row(fixed, 49) == pytest.approx(3.5 / 3.0)
+    assert row(fixed, 97) == pytest.approx(8 / 3 * 3.5 / 4.0)
+    assert row(fixed, 97) / row(fixed, 49) == pytest.approx(2.0)
+    assert fixed.provenance["drift_correction"] == {"factor_min": 0.875, "factor_max": pytest.approx(1.1667, abs=1e-4)}
+    assert raw.provenance["drift_correction"] is None

@@ -76,7 +76,7 @@ def remeasure_interleaved(baseline, device: str | DeviceConfig, models: list[str
                               "info": {}, "tvm": prov.get("tvm_version"), **prov_rec})
     tables = []
     for build in ("baseline", "candidate"):
-        t = build_lut(stores[build].path, engine=engine)
+        t = build_lut(stores[build].path, engine=engine, drift_correction=False)  # alternation is the control
         keep = baseline.frame[["model", "unit", "tokens"]]
         if units:
             keep = keep[keep["unit"].isin(units)]

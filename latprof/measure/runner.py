@@ -355,7 +355,7 @@ def remeasure_like(baseline, device: str | DeviceConfig, model: str, units: list
         counts.setdefault(spec.unit(unit).shared, set()).add(int(n))
     measure(cfg, model, lambda u: sorted(counts.get(u.shared, ())), engine, workdir, trials, progress,
             units=sorted(set(frame["unit"])), store=store, echo=lambda *a, **k: None)
-    table = build_lut(store, engine=engine)
+    table = build_lut(store, engine=engine, drift_correction=False)  # compared as measured (check's statistics)
     keep = table.frame.merge(frame[["unit", "tokens"]], on=["unit", "tokens"])
     table.frame = keep.reset_index(drop=True)
     return table
