@@ -5,11 +5,16 @@ same thread count. TVM runs through the `local` device's RPC server with the tun
 workdir's tuning database (tuned first if missing, with --trials per task).
 
     python benchmarks/engines.py --tokens 197,150,99,50 --trials 16 --rounds 5
+    python benchmarks/engines.py --threads 2 --rounds 10   # stability: see the spread columns
+
+The spread columns are (p90 - p10) / median over all of an engine's samples at that N, taken across the
+rounds (seconds apart): how far one timing can be trusted on this machine.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import statistics
 import time
 from pathlib import Path
@@ -42,6 +47,12 @@ def time_callable(fn, min_ms: float, repeats: int) -> list[float]:
     return out
 
 
+def spread(samples: list[float]) -> float:
+    """(p90 - p10) / median."""
+    q = statistics.quantiles(samples, n=10)
+    return (q[-1] - q[0]) / statistics.median(samples)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="deit_t")
@@ -49,6 +60,7 @@ def main() -> None:
     ap.add_argument("--tokens", default="197,150,99,50")
     ap.add_argument("--trials", type=int, default=None, help="MetaSchedule trials per task (default: the config's)")
     ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=None, help="threads for every engine (default: the config's)")
     ap.add_argument("--workdir", default="latprof-work")
     args = ap.parse_args()
 
@@ -61,6 +73,8 @@ def main() -> None:
     from latprof.progress import bar_factory
 
     cfg = load_config(args.device)
+    if args.threads:
+        cfg = dataclasses.replace(cfg, threads=args.threads)
     spec = get_model(args.model)
     tokens = parse_tokens(args.tokens, spec)
     workdir = Path(args.workdir)
@@ -95,11 +109,12 @@ def main() -> None:
                     results[g.tokens]["torch"] += time_callable(lambda: block(xt), m["min_repeat_ms"], 3)
     print(f"\n{args.model} block on {cfg.name}, {cfg.threads} thread(s), TVM {tvm_engine.tuning_label()}; "
           f"median ms of {args.rounds * 3} samples per cell")
-    print(f"{'N':>5} {'TVM':>9} {'ORT':>9} {'torch':>9} {'TVM/ORT':>9} {'torch/ORT':>10}")
+    print(f"{'N':>5} {'TVM':>9} {'ORT':>9} {'torch':>9} {'TVM/ORT':>9} {'torch/ORT':>10} {'TVM spread':>11} {'ORT spread':>11}")
     for n in sorted(results, reverse=True):
         med = {k: statistics.median(v) for k, v in results[n].items()}
         print(f"{n:>5} {med['tvm']:9.3f} {med['onnxruntime']:9.3f} {med['torch']:9.3f} "
-              f"{med['tvm'] / med['onnxruntime']:9.2f} {med['torch'] / med['onnxruntime']:10.2f}")
+              f"{med['tvm'] / med['onnxruntime']:9.2f} {med['torch'] / med['onnxruntime']:10.2f} "
+              f"{spread(results[n]['tvm']):11.0%} {spread(results[n]['onnxruntime']):11.0%}")
 
 
 if __name__ == "__main__":

@@ -51,7 +51,8 @@ def main(argv=None) -> int:
     ap.add_argument("--cal-configs", type=int, default=6, help="calibration schedules (seed 1)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--repeats", type=int, default=15)
-    ap.add_argument("--trials", type=int, default=0, help="TVM MetaSchedule trials per task (0 = untuned)")
+    ap.add_argument("--trials", type=int, default=None, help="TVM MetaSchedule trials per task (0 = untuned; "
+                    "default: the --device config's, 0 for the generated one)")
     ap.add_argument("--workdir", type=Path, default=Path("latprof-work-fidelity"))
     ap.add_argument("--stats", default="median,min", help="sample statistics to evaluate (the measurements are shared)")
     args = ap.parse_args(argv)
@@ -63,7 +64,7 @@ def main(argv=None) -> int:
 
     wd = args.workdir.resolve()
     wd.mkdir(parents=True, exist_ok=True)
-    device = args.device or str(write_cfg(wd / f"{args.engine}.yaml", args.engine, args.threads, args.repeats, args.trials))
+    device = args.device or str(write_cfg(wd / f"{args.engine}.yaml", args.engine, args.threads, args.repeats, args.trials or 0))
     loads = [os.getloadavg()[0]]
     t0 = time.time()
     from latprof.models import get_model
