@@ -17,17 +17,20 @@ SETTINGS = {"warmup": 3, "repeats": 25, "number": 0, "min_repeat_ms": 10, "refer
 
 
 def test_check_against_fresh_baseline_and_slowed_candidate(workdir, tmp_path):
-    base_cfg = write_config(tmp_path / "base.yaml", name="chk", engine="onnxruntime", threads=2, measure=SETTINGS)
+    # one thread: on a shared 2-vCPU CI host a 2-thread block waits for whichever core a neighbour holds
+    # (a re-measure read +33% there once, seconds after its baseline)
+    base_cfg = write_config(tmp_path / "base.yaml", name="chk", engine="onnxruntime", threads=1, measure=SETTINGS)
     measure(str(base_cfg), "deit_s", [197], units=["blocks.0"], progress=False)
     build_and_write(store_path(workdir, "chk"), tmp_path / "base.csv")
 
     # nothing changed: re-measured like the baseline, within a tolerance above this machine's drift
     out = CliRunner().invoke(main, ["check", "--device", str(base_cfg), "--model", "deit_s", "--baseline",
-                                    str(tmp_path / "base.csv"), "--units", "blocks.0", "--tolerance", "median:25%"])
+                                    str(tmp_path / "base.csv"), "--units", "blocks.0", "--tolerance", "median:50%"])
     assert out.exit_code == 0, out.output
     assert "blocks.0" in out.output
 
-    # a deliberately slowed candidate: the same block while busy loops take every core
+    # a deliberately slowed candidate: the same block while busy loops take every core (measured here:
+    # +109%, ratio CI 1.59..2.76, so a 25% tolerance catches it with room)
     slow_store = tmp_path / "slow.jsonl"
     hogs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(2 * (os.cpu_count() or 2))]
     try:
