@@ -267,6 +267,31 @@ def test_verify_rejects_a_schedule_that_computes_something_else():
     assert not tuning.verify(task, Schedule(_matmul_mod(off_by_one=True)), cache)
 
 
+def test_verify_rejects_a_schedule_that_leaves_outputs_unwritten():
+    """A candidate that skips the last element (as a re-fitted predicated softmax once skipped a row)
+    is refused, even though both runs are handed the same buffers; the whole loop passes."""
+    from types import SimpleNamespace
+
+    import tvm
+    from tvm import te
+    from tvm.script import tirx as T
+
+    a = te.placeholder((64,), name="a")
+    task = tvm.IRModule({"main": te.create_prim_func([a, te.compute((64,), lambda i: a[i] * 2.0, name="b")])})
+
+    def doubling(n: int):
+        @T.prim_func
+        def main(a: T.Buffer((64,), "float32"), b: T.Buffer((64,), "float32")):
+            for i in range(n):
+                b[i] = a[i] * T.float32(2)
+
+        return SimpleNamespace(mod=tvm.IRModule({"main": main}))
+
+    cache = {}
+    assert tuning.verify(task, doubling(64), cache)
+    assert not tuning.verify(task, doubling(63), cache)
+
+
 def _token_matmul(n: int, name: str = "matmul"):
     """An attention-times-V-like task: the token count is a spatial axis and the reduction axis."""
     import tvm

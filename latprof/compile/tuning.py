@@ -117,7 +117,7 @@ REFITS = {
 # against 0.53 ms tuned at 192. Padded to 208 first, the anchor's tiles fit and it runs in 0.50 ms.
 # Zeros leave a sum of products exact, so only matmul blocks are padded (zeros would change a max).
 PADS = (8, 16)
-TRANSFER_VERSION = 2  # 2: padded candidates; older transfers are redone
+TRANSFER_VERSION = 3  # 2: padded candidates; 3: verified with unwritten outputs caught. Older ones are redone
 PADDED_BLOCK = "matmul"
 
 
@@ -261,7 +261,10 @@ def candidates(sources: dict, dst_mod, target=None) -> dict:
 def verify(task_mod, sch, cache: dict | None = None) -> bool:
     """Whether a replayed schedule computes what the unscheduled task computes, run on this machine's CPU
     with random inputs (a schedule's loop structure and bounds are target-independent; a re-fit that
-    reads past a buffer gives wrong values or NaN: seen once, a predicated tail in a softmax reduction)."""
+    reads past a buffer gives wrong values or NaN: seen once, a predicated tail in a softmax reduction).
+    The candidate's outputs start as NaN, so one that leaves elements unwritten fails: a predicated
+    softmax re-fitted from 192 to 129 tokens skipped its last row, passed while both runs started from
+    the same random output buffer, and gave NaN in the deployed block."""
     import numpy as np
     import tvm
 
@@ -276,11 +279,13 @@ def verify(task_mod, sch, cache: dict | None = None) -> bool:
         want = [tvm.runtime.tensor(a) for a in args]
         tvm.compile(task_mod, target=host)["main"](*want)
         want = [w.numpy() for w in want]
+        outputs = {i for i, (w, a) in enumerate(zip(want, args)) if not np.array_equal(w, a)}  # what it wrote
         if cache is not None:
-            cache[key] = want
+            cache[key] = want, outputs
     else:
-        want = cache[key]
-    got = [tvm.runtime.tensor(a) for a in args]
+        want, outputs = cache[key]
+    got = [tvm.runtime.tensor(np.full_like(a, np.nan) if i in outputs and a.dtype.kind == "f" else a)
+           for i, a in enumerate(args)]
     try:
         tvm.compile(sch.mod, target=host)["main"](*got)
     except Exception:

@@ -9,7 +9,10 @@ lines on stdout and stops (remote server's process group killed, connection clos
 closes its stdin, exits, or is interrupted.
 
 connection:
-  host, port (22), user (default: this user), key (private key file), known_hosts (file),
+  host, port (22), user (default: this user), key (private key file), agent (true: offer the keys of the
+  running ssh-agent, $SSH_AUTH_SOCK; key, agent or both), known_hosts (file),
+  jump (a bastion to go through, like ssh -J: host, port, user, key, agent; its host key is checked
+  against the same known_hosts),
   server_command (argv list or string, e.g. python3 -m tvm.exec.rpc_server --host 127.0.0.1 --port 9090),
   env (extra environment for the server), connect_timeout (s, 10), start_timeout (s, 120)
 """
@@ -39,8 +42,10 @@ SCHEMA = {
     "host": (str, REQUIRED),
     "port": (int, 22),
     "user": (str, None),
-    "key": (str, REQUIRED),
+    "key": (str, None),
+    "agent": (bool, False),
     "known_hosts": (str, REQUIRED),
+    "jump": (dict, None),
     "server_command": ((str, list), REQUIRED),
     "env": (dict, {}),
     "connect_timeout": (float, 10.0),
@@ -52,30 +57,81 @@ SCHEMA = {
 class SSHTransport:
     @staticmethod
     def validate(cfg: DeviceConfig) -> None:
-        conn = check_connection(cfg, SCHEMA)
+        check_connection(cfg, SCHEMA)
+        conn = cfg.connection  # defaults filled in; what is set below is seen by the session too
         if not 0 < conn["port"] < 65536:
             raise ConfigError(f"{cfg.source}: field 'connection.port' must be a TCP port, got {conn['port']}",
                               "set connection.port to the device's sshd port (usually 22)")
         command_argv(cfg)
         if conn["user"] is None:
             conn["user"] = getpass.getuser()
+        _check_auth(cfg, conn, "connection")
+        if conn["jump"] is not None:
+            conn["jump"] = _check_jump(cfg, conn)
 
     @staticmethod
     def open(cfg: DeviceConfig) -> "SSHSession":
         return SSHSession(cfg)
 
 
+JUMP_FIELDS = {"host": str, "port": int, "user": str, "key": str, "agent": bool}
+
+
+def _check_auth(cfg: DeviceConfig, section: dict, where: str) -> None:
+    if not section.get("key") and not section.get("agent"):
+        raise ConfigError(f"{cfg.source}: '{where}' has no way to authenticate (neither key nor agent)",
+                          f"set {where}.key to a private key file, or {where}.agent: true to use your ssh-agent")
+
+
+def _check_jump(cfg: DeviceConfig, conn: dict) -> dict:
+    """The bastion: the connection's user and credentials unless it names its own."""
+    jump = dict(conn["jump"])
+    unknown = sorted(set(jump) - set(JUMP_FIELDS))
+    if unknown:
+        raise ConfigError(f"{cfg.source}: unknown field 'connection.jump.{unknown[0]}'",
+                          f"allowed fields: {', '.join('connection.jump.' + k for k in JUMP_FIELDS)}")
+    if not isinstance(jump.get("host"), str):
+        raise ConfigError(f"{cfg.source}: missing required field 'connection.jump.host'",
+                          "set connection.jump.host to the bastion's address (like ssh -J HOST)")
+    own_auth = "key" in jump or "agent" in jump
+    jump = {"port": 22, "user": conn["user"], **({} if own_auth else {"key": conn["key"], "agent": conn["agent"]}),
+            **jump}
+    for k, typ in JUMP_FIELDS.items():
+        v = jump.get(k)
+        if v is not None and (not isinstance(v, typ) or (typ is int and isinstance(v, bool))):
+            raise ConfigError(f"{cfg.source}: field 'connection.jump.{k}' must be {typ.__name__}, got {v!r}",
+                              f"set connection.jump.{k} to a {typ.__name__}")
+    if not 0 < jump["port"] < 65536:
+        raise ConfigError(f"{cfg.source}: field 'connection.jump.port' must be a TCP port, got {jump['port']}",
+                          "set connection.jump.port to the bastion's sshd port (usually 22)")
+    _check_auth(cfg, jump, "connection.jump")
+    return jump
+
+
+def _hop(cfg: DeviceConfig, section: dict, where: str) -> dict:
+    """One SSH hop for the helper; a key file that is named must exist."""
+    key = None
+    if section.get("key"):
+        key = local_path(cfg, section["key"])
+        if not key.exists():
+            raise DeviceError(f"SSH key {key} ({where}.key of {cfg.name}) does not exist",
+                              f"create one (ssh-keygen -t ed25519 -f {key}) and add its .pub to the device's authorized_keys")
+    if section.get("agent") and not os.environ.get("SSH_AUTH_SOCK"):
+        raise DeviceError(f"{where}.agent of {cfg.name} is true but no ssh-agent is running (SSH_AUTH_SOCK is not set)",
+                          "start one and add your key (eval $(ssh-agent); ssh-add KEY), or set a key file")
+    return {"host": section["host"], "port": section["port"], "user": section["user"],
+            "key": str(key) if key else None, "agent": bool(section.get("agent"))}
+
+
 def helper_params(cfg: DeviceConfig) -> dict:
     conn = cfg.connection
-    key, known = local_path(cfg, conn["key"]), local_path(cfg, conn["known_hosts"])
-    if not key.exists():
-        raise DeviceError(f"SSH key {key} (connection.key of {cfg.name}) does not exist",
-                          f"create one (ssh-keygen -t ed25519 -f {key}) and add its .pub to the device's authorized_keys")
+    known = local_path(cfg, conn["known_hosts"])
     if not known.exists():
         raise HostKeyError(f"known_hosts file {known} (connection.known_hosts of {cfg.name}) does not exist",
                            f"after checking the host's fingerprint, trust it explicitly: {keyscan_hint(conn, known)}")
     return {
-        "host": conn["host"], "port": conn["port"], "user": conn["user"], "key": str(key), "known_hosts": str(known),
+        **_hop(cfg, conn, "connection"), "known_hosts": str(known),
+        "jump": _hop(cfg, conn["jump"], "connection.jump") if conn.get("jump") else None,
         "command": server_shell_command(command_argv(cfg), conn["env"], cfg.threads, cfg.cpus),
         "info": info_script(cfg.cpus), "cpus": cfg.cpus, "connect_timeout": conn["connect_timeout"],
         "start_timeout": conn["start_timeout"],
@@ -191,7 +247,9 @@ class _UnknownHost(Exception):
     pass
 
 
-def _connect(p: dict):
+def _connect(hop: dict, known_hosts: str, timeout: float, sock=None):
+    """One SSH hop (over `sock`, a channel through the previous hop, when given); exits with an error
+    event on an unknown or changed host key, failed authentication, or no route."""
     import paramiko
 
     class Refuse(paramiko.MissingHostKeyPolicy):
@@ -199,33 +257,55 @@ def _connect(p: dict):
             raise _UnknownHost(f"{hostname} {key.get_name()} SHA256:{_fingerprint(key)}")
 
     client = paramiko.SSHClient()
-    client.load_host_keys(p["known_hosts"])  # only this file: no system or user known_hosts
+    client.load_host_keys(known_hosts)  # only this file: no system or user known_hosts
     client.set_missing_host_key_policy(Refuse())
-    where = f"{p['user']}@{p['host']}:{p['port']}"
-    hint = keyscan_hint(p, p["known_hosts"])
+    where = f"{hop['user']}@{hop['host']}:{hop['port']}"
+    hint = keyscan_hint(hop, known_hosts)
+    if hop["agent"] and not hop["key"] and not paramiko.Agent().get_keys():
+        _emit(event="error", kind="device", message=f"SSH to {where}: the ssh-agent holds no keys",
+              fix="add your key to it (ssh-add KEY), or set connection.key")
+        sys.exit(1)
     try:
-        client.connect(p["host"], p["port"], username=p["user"], key_filename=p["key"], look_for_keys=False,
-                       allow_agent=False, timeout=p["connect_timeout"], banner_timeout=p["connect_timeout"],
-                       auth_timeout=p["connect_timeout"])
+        client.connect(hop["host"], hop["port"], username=hop["user"], key_filename=hop["key"], look_for_keys=False,
+                       allow_agent=hop["agent"], sock=sock, timeout=timeout, banner_timeout=timeout,
+                       auth_timeout=timeout)
     except _UnknownHost as exc:
-        _emit(event="error", kind="hostkey", message=f"SSH host key of {where} is not in {p['known_hosts']} ({exc})",
+        _emit(event="error", kind="hostkey", message=f"SSH host key of {where} is not in {known_hosts} ({exc})",
               fix=f"verify the fingerprint, then trust it explicitly: {hint}")
         sys.exit(1)
     except paramiko.BadHostKeyException as exc:
         _emit(event="error", kind="hostkey",
-              message=f"SSH host key of {where} has CHANGED (got SHA256:{_fingerprint(exc.key)}, {p['known_hosts']} "
+              message=f"SSH host key of {where} has CHANGED (got SHA256:{_fingerprint(exc.key)}, {known_hosts} "
                       "has another): refusing to connect",
-              fix=f"if the device was reinstalled, remove its old line from {p['known_hosts']} and trust the new key: {hint}")
+              fix=f"if the device was reinstalled, remove its old line from {known_hosts} and trust the new key: {hint}")
         sys.exit(1)
     except paramiko.AuthenticationException as exc:
-        _emit(event="error", kind="device", message=f"SSH key authentication to {where} failed ({exc})",
-              fix=f"add {p['key']}.pub to the device's ~/.ssh/authorized_keys")
+        offered = " and ".join(x for x in (hop["key"], "the ssh-agent's keys" if hop["agent"] else None) if x)
+        _emit(event="error", kind="device", message=f"SSH key authentication to {where} failed with {offered} ({exc})",
+              fix="add the public key to the device's ~/.ssh/authorized_keys")
         sys.exit(1)
     except (OSError, paramiko.SSHException) as exc:
         _emit(event="error", kind="device", message=f"cannot reach {where} over SSH ({str(exc)[:200]})",
               fix="check that the device is on and its sshd listens there (connection.host, connection.port)")
         sys.exit(1)
     return client
+
+
+def _connect_all(p: dict) -> list:
+    """[bastion,] device: each hop's host key checked against known_hosts."""
+    t = p["connect_timeout"]
+    if not p.get("jump"):
+        return [_connect(p, p["known_hosts"], t)]
+    bastion = _connect(p["jump"], p["known_hosts"], t)
+    try:
+        chan = bastion.get_transport().open_channel("direct-tcpip", (p["host"], p["port"]), ("127.0.0.1", 0),
+                                                    timeout=t)
+    except Exception as exc:
+        _emit(event="error", kind="device",
+              message=f"the bastion {p['jump']['host']} cannot reach {p['host']}:{p['port']} ({str(exc)[:200]})",
+              fix="check connection.host and connection.port as the bastion sees them, and its AllowTcpForwarding")
+        sys.exit(1)
+    return [bastion, _connect(p, p["known_hosts"], t, sock=chan)]
 
 
 def _fingerprint(key) -> str:
@@ -267,7 +347,7 @@ def _pipe(sock: socket.socket, chan) -> None:
 def helper_main() -> None:
     """Runs in its own process: connect, read device info, start the server, forward, clean up."""
     p = json.loads(sys.stdin.readline())
-    client = _connect(p)
+    *hops, client = _connect_all(p)
     transport = client.get_transport()
     transport.set_keepalive(5)
     stop = threading.Event()
@@ -283,7 +363,8 @@ def helper_main() -> None:
                 _run(client, kill_group_command(state["pid"]), timeout=10)
             except Exception:
                 pass
-        client.close()
+        for c in [client, *hops]:
+            c.close()
 
     signal.signal(signal.SIGTERM, lambda *a: (cleanup(), os._exit(0)))
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when to stop

@@ -71,6 +71,17 @@ class RoundRobinRPC:
         return getattr(self.current, name)
 
 
+def server_system(sess) -> dict:
+    """{arch, cpu} from a TVM RPC server's own LLVM (None where the server has only the runtime)."""
+    out = {}
+    for key, func in (("triple", "target.llvm_get_system_triple"), ("cpu", "target.llvm_get_system_cpu")):
+        try:
+            out[key] = str(sess.get_function(func)())
+        except Exception:  # a runtime-only server has no compiler functions: unknown, not an error
+            out[key] = None
+    return {"arch": out["triple"].split("-")[0] if out["triple"] else None, "cpu": out["cpu"], "triple": out["triple"]}
+
+
 class TrackerSession:
     def __init__(self, cfg: DeviceConfig):
         from latprof.compile import tvmlib
@@ -112,9 +123,16 @@ class TrackerSession:
         return box["sess"]
 
     def info(self) -> dict:
+        """What the servers themselves can say: an RPC server offers no shell, so governor, frequencies and
+        temperature stay unknown; a server with the full TVM (not a runtime-only one, like Android's
+        tvm_rpc) reports its LLVM host triple and CPU, which give arch and cpu."""
         conn = self.cfg.connection
-        return {"arch": None, "cpu": "", "governor": None, "freq_khz": None, "temp_mc": None,
-                "tracker": self.where, "key": conn["key"], "registered": self.registered, "sessions": len(self.sessions)}
+        found = [server_system(s) for s in self.sessions]
+        first = found[0] if found else {}
+        return {"arch": first.get("arch"), "cpu": first.get("cpu") or "", "governor": None, "freq_khz": None,
+                "temp_mc": None, "tracker": self.where, "key": conn["key"], "registered": self.registered,
+                "sessions": len(self.sessions),
+                **({"servers": found} if len(found) > 1 else {})}
 
     def close(self) -> None:
         self.rpc = None

@@ -164,3 +164,88 @@ def test_devices_check_and_a_hard_killed_latprof_leaves_no_server(sshd, tmp_path
     while pid_alive(pid) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert not pid_alive(pid)
+
+
+@pytest.fixture
+def ssh_agent(tmp_path, monkeypatch):
+    """A real OpenSSH ssh-agent on its own socket, empty; SSH_AUTH_SOCK points at it."""
+    import shutil
+    import subprocess
+
+    if not shutil.which("ssh-agent") or not shutil.which("ssh-add"):
+        pytest.skip("ssh-agent is not installed (apt-get install openssh-client)")
+    sock = tmp_path / "agent.sock"
+    agent = subprocess.Popen(["ssh-agent", "-D", "-a", str(sock)], stdout=subprocess.DEVNULL)
+    from tests.remote.conftest import stop
+
+    try:
+        import time
+
+        deadline = time.monotonic() + 10
+        while not sock.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        monkeypatch.setenv("SSH_AUTH_SOCK", str(sock))
+        yield sock
+    finally:
+        stop(agent)
+
+
+def test_agent_authentication(sshd, ssh_agent, tmp_path, monkeypatch):
+    """No key file in the config: the client key is offered by a running ssh-agent."""
+    import subprocess
+
+    path = ssh_config(tmp_path / "agent.yaml", sshd, connection={**FAST, "agent": True})
+    import yaml
+
+    data = yaml.safe_load(path.read_text())
+    del data["connection"]["key"]
+    path.write_text(yaml.safe_dump(data))
+    cfg = load_config(str(path))
+    with pytest.raises(DeviceError, match="ssh-agent holds no keys.*ssh-add"):
+        open_session(cfg).__enter__()
+
+    subprocess.run(["ssh-add", "-q", str(sshd.key)], check=True, env={**os.environ, "SSH_AUTH_SOCK": str(ssh_agent)})
+    with open_session(load_config(str(path))) as session:
+        pid = session.remote_pid
+        assert pid_alive(pid) and session.info()["arch"]
+    assert not pid_alive(pid)
+
+    monkeypatch.delenv("SSH_AUTH_SOCK")
+    with pytest.raises(DeviceError, match="no ssh-agent is running"):
+        open_session(load_config(str(path))).__enter__()
+
+    data["connection"]["agent"] = False
+    path.write_text(yaml.safe_dump(data))
+    with pytest.raises(ConfigError, match="neither key nor agent"):
+        load_config(str(path))
+
+
+def test_through_a_jump_host(sshd, tmp_path):
+    """`connection.jump` (like ssh -J): the device is reached through a channel the bastion opens; the
+    bastion's host key is checked against the same known_hosts."""
+    jump = {"host": sshd.host, "port": sshd.port}
+    cfg = load_config(str(ssh_config(tmp_path / "j.yaml", sshd, connection={**FAST, "jump": jump})))
+    assert cfg.connection["jump"]["key"] == str(sshd.key)  # the connection's credentials unless it names its own
+    with open_session(cfg) as session:
+        pid = session.remote_pid
+        assert pid_alive(pid) and session.rpc is not None
+    assert not pid_alive(pid)
+
+    # the device's address is opened by the bastion: a port nobody listens on fails there, named as such
+    from tests.remote.conftest import free_port
+
+    cfg = load_config(str(ssh_config(tmp_path / "k.yaml", sshd, connection={**FAST, "jump": jump,
+                                                                             "port": free_port()})))
+    with pytest.raises(DeviceError, match=rf"the bastion {sshd.host} cannot reach 127.0.0.1:\d+"):
+        open_session(cfg).__enter__()
+
+    other = tmp_path / "other_known_hosts"
+    other.write_text(sshd.known_line(sshd.dir / "other_host_key.pub"))
+    cfg = load_config(str(ssh_config(tmp_path / "l.yaml", sshd, connection={**FAST, "jump": jump,
+                                                                             "known_hosts": str(other)})))
+    with pytest.raises(HostKeyError, match="CHANGED"):
+        open_session(cfg).__enter__()
+
+    bad = ssh_config(tmp_path / "m.yaml", sshd, connection={"jump": {"host": sshd.host, "prot": 22}})
+    with pytest.raises(ConfigError, match="connection.jump.prot"):
+        load_config(str(bad))

@@ -61,7 +61,11 @@ def test_two_servers_share_the_work_and_give_the_same_rows(farm, workdir, tmp_pa
     port, logs = farm
     path = tracker_config(tmp_path / "farm2.yaml", port, "farm2", sessions=2)
     with open_session(load_config(str(path))) as s:
-        assert s.info()["registered"] == 2 and len(s.sessions) == 2
+        info = s.info()
+        assert info["registered"] == 2 and len(s.sessions) == 2
+        # these servers load only TVM's runtime (TVM_USE_RUNTIME_LIB=1), like Android's tvm_rpc: no LLVM
+        # to ask, so arch is unknown rather than guessed
+        assert info["arch"] is None and [x["arch"] for x in info["servers"]] == [None, None]
     result = measure(str(path), "deit_t", [9, 17], progress=False)
     points, rows = expected_counts("deit_t", [9, 17])
     assert result.measured == points
@@ -156,3 +160,17 @@ def test_farm_lanes_run_at_the_same_time():
 
     with pytest.raises(DeviceError, match="device 2 dropped"):
         run_lanes([(1,), (2,)], drop, [])
+
+
+def test_a_full_tvm_server_reports_its_arch_and_cpu(tmp_path):
+    """What a farm's server with the full TVM says about itself through RPC (its LLVM's host triple and
+    CPU): here, this host through the local device's real RPC server."""
+    import platform
+
+    from latprof.compile import tvmlib
+    from latprof.devices.tracker import server_system
+
+    with open_session(load_config("local")) as s:
+        found = server_system(s.rpc)
+    assert found["arch"] == platform.machine() and found["triple"].startswith(platform.machine())
+    assert found["cpu"] == tvmlib.host_cpu()
