@@ -318,6 +318,30 @@ def _tiled_trace(mod, block: str = "matmul"):
     return sch.trace
 
 
+def test_padding_to_the_anchor_tile_keeps_its_inner_tiles():
+    """"padtile": each token axis padded to a multiple of its anchor tile's inner product (rows 2x2x4 =
+    16: 20 -> 32; the reduction's inner 4 divides 20: not padded), so the replay changes only outer loops."""
+    import tvm
+
+    target = tvm.target.Target({"kind": "llvm", "num-cores": 1})
+    src, dst = _token_matmul(16), _token_matmul(20)
+    trace = _tiled_trace(src)
+    assert tuning._anchor_tile_pads(trace, src, dst) == [1, 16, 1, 1]
+    assert tuning._anchor_tile_pads(trace, src, _token_matmul(32)) is None  # the tiles fit: nothing to pad
+    sch = tuning.candidates({"matmul": (trace, src)}, dst, target)["padtile:divisors"]
+    assert tuning.verify(dst, sch)
+    text = str(sch.trace)  # changed tile samples are replayed as constant split factors
+    assert "factors=[2, 2, 2, 4]" in text and "factors=[5, 4]" in text, text  # rows: only the outer factor grew
+
+
+def test_retune_when_no_transfer_comes_close_to_the_anchor():
+    # anchor 0.088 ms at 192; at 197 the best re-fit ran 0.41 ms (the softmax case): retuned
+    assert tuning.needs_retune(0.41e-3, 0.088e-3, 192, 197)
+    assert not tuning.needs_retune(0.095e-3, 0.088e-3, 192, 197)
+    assert tuning.needs_retune(None, 0.088e-3, 192, 197)  # no verified candidate at all
+    assert not tuning.needs_retune(15e-6, 4e-6, 192, 17)  # 40x, but 15 us: not worth a search
+
+
 def test_padded_transfer_fits_the_anchor_tiles_and_stays_exact(tmp_path):
     """At a token count the anchor's tiles do not divide (20 here, 197 in DeiT), the matmul is padded
     with zeros to a multiple of 8 or 16, so the tiles fit; the result (a reduction over tokens included)
