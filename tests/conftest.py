@@ -48,7 +48,8 @@ def one_torch_thread():
 @pytest.fixture(scope="session", autouse=True)
 def _no_orphaned_tvm_workers():
     """MetaSchedule and TVM's RPC pools leave popen workers behind when their owner dies; stop the ones
-    in this test run's process group at the end so repeated runs cannot exhaust memory."""
+    in this test run's process group, and orphaned ones of this Python (an RPC server killed by a test
+    runs in its own session; two of its workers outlived a CI run), so repeated runs cannot exhaust memory."""
     yield
     import signal
 
@@ -57,8 +58,9 @@ def _no_orphaned_tvm_workers():
     me, group = os.getpid(), os.getpgid(0)
     for proc in psutil.process_iter(["pid", "cmdline"]):
         try:
-            if proc.pid != me and "tvm.exec.popen_worker" in " ".join(proc.info["cmdline"] or []) \
-                    and os.getpgid(proc.pid) == group:
+            cmd = proc.info["cmdline"] or []
+            if proc.pid != me and "tvm.exec.popen_worker" in " ".join(cmd) \
+                    and (os.getpgid(proc.pid) == group or (proc.ppid() == 1 and cmd[0] == sys.executable)):
                 os.kill(proc.pid, signal.SIGKILL)
         except (psutil.Error, ProcessLookupError):
             pass

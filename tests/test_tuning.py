@@ -334,14 +334,6 @@ def test_padding_to_the_anchor_tile_keeps_its_inner_tiles():
     assert "factors=[2, 2, 2, 4]" in text and "factors=[5, 4]" in text, text  # rows: only the outer factor grew
 
 
-def test_retune_when_no_transfer_comes_close_to_the_anchor():
-    # anchor 0.088 ms at 192; at 197 the best re-fit ran 0.41 ms (the softmax case): retuned
-    assert tuning.needs_retune(0.41e-3, 0.088e-3, 192, 197)
-    assert not tuning.needs_retune(0.095e-3, 0.088e-3, 192, 197)
-    assert tuning.needs_retune(None, 0.088e-3, 192, 197)  # no verified candidate at all
-    assert not tuning.needs_retune(15e-6, 4e-6, 192, 17)  # 40x, but 15 us: not worth a search
-
-
 def test_padded_transfer_fits_the_anchor_tiles_and_stays_exact(tmp_path):
     """At a token count the anchor's tiles do not divide (20 here, 197 in DeiT), the matmul is padded
     with zeros to a multiple of 8 or 16, so the tiles fit; the result (a reduction over tokens included)

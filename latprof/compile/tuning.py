@@ -117,20 +117,7 @@ REFITS = {
 # against 0.53 ms tuned at 192. Padded to 208 first, the anchor's tiles fit and it runs in 0.50 ms.
 # Zeros leave a sum of products exact, so only matmul blocks are padded (zeros would change a max).
 PADS = (8, 16)
-TRANSFER_VERSION = 4  # 2: padded; 3: unwritten outputs caught; 4: anchor-tile padding, retunes. Older ones are redone
-# A transferred schedule slower than RETUNE_RATIO x the anchor's time scaled linearly to N (and by more than
-# RETUNE_MIN_S) gets a short search of its own, warm-started from the database. The rfactor'ed softmax
-# re-fits badly at every N (only perfect reduction tiles can be rfactor'ed): at N=197 the best re-fit
-# ran 0.41 ms against 0.088 ms tuned at 192; 8 trials of its own found 0.13 ms.
-RETUNE_RATIO, RETUNE_MIN_S, RETUNE_TRIALS = 1.5, 20e-6, 8
-
-
-def needs_retune(best_s: float | None, anchor_s: float, anchor_tokens: int, tokens: int) -> bool:
-    """Whether the best transfer (None: none was kept) is far from what the anchor promises at N."""
-    if best_s is None:
-        return True
-    expected = anchor_s * tokens / anchor_tokens
-    return best_s > RETUNE_RATIO * expected and best_s - expected > RETUNE_MIN_S
+TRANSFER_VERSION = 4  # 2: padded; 3: unwritten outputs caught; 4: anchor-tile padding. Older ones are redone
 PADDED_BLOCK = "matmul"
 
 

@@ -82,6 +82,9 @@ def database(work_dir: str | Path):
                                     module_equality="structural")
 
 
+_console_level: int | None = None  # MetaSchedule's console log level (see tune_tasks)
+
+
 def tune_tasks(tasks, target, work_dir: str | Path, trials_per_task: int, runner=None, seed: int = 0,
                on_trials=None, cross_compiler: str | None = None):
     """Tune extracted tasks together into the persistent database at work_dir: one builder/runner pool
@@ -93,10 +96,14 @@ def tune_tasks(tasks, target, work_dir: str | Path, trials_per_task: int, runner
     import logging
 
     # MetaSchedule logs every candidate to the console at its logger's level; keep the console to
-    # warnings (the progress bar says how far it is) and the full logs in work_dir/logs
+    # warnings (the progress bar says how far it is) and the full logs in work_dir/logs. Its logging
+    # setup raises that level to DEBUG, so the level chosen at the first call is restored at every call
+    # (a second tuning in one process, the retune after a transfer, printed every candidate).
+    global _console_level
     ms_logger = logging.getLogger("tvm.s_tir.meta_schedule")
-    if ms_logger.level == logging.NOTSET:
-        ms_logger.setLevel(logging.WARNING)
+    if _console_level is None:
+        _console_level = ms_logger.level if ms_logger.level != logging.NOTSET else logging.WARNING
+    ms_logger.setLevel(_console_level)
     db = database(work_dir)
     contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
         tasks, str(Path(work_dir) / "logs"), strategy=_ending_search(), seed=seed)
