@@ -334,6 +334,21 @@ def test_padding_to_the_anchor_tile_keeps_its_inner_tiles():
     assert "factors=[2, 2, 2, 4]" in text and "factors=[5, 4]" in text, text  # rows: only the outer factor grew
 
 
+def test_retune_a_softmax_no_re_fit_brings_close_to_its_anchor():
+    import tvm
+    from tvm import te, topi
+
+    x = te.placeholder((1, 3, 197, 197), name="x")
+    softmax = type("Task", (), {"dispatched": [tvm.IRModule({"main": te.create_prim_func([x, topi.nn.softmax(x)])})]})()
+    matmul = type("Task", (), {"dispatched": [_token_matmul(20)]})()
+    # anchor 0.088 ms at 192; at 197 the best re-fit ran 0.41 ms: retuned
+    assert tuning.needs_retune(softmax, 0.41e-3, 0.088e-3, 192, 197)
+    assert not tuning.needs_retune(softmax, 0.095e-3, 0.088e-3, 192, 197)
+    assert tuning.needs_retune(softmax, None, 0.088e-3, 192, 197)  # no verified re-fit at all
+    assert not tuning.needs_retune(softmax, 15e-6, 4e-6, 192, 17)  # 40x, but 15 us: not worth a search
+    assert not tuning.needs_retune(matmul, 0.41e-3, 0.088e-3, 192, 197)  # matmuls are padded instead
+
+
 def test_padded_transfer_fits_the_anchor_tiles_and_stays_exact(tmp_path):
     """At a token count the anchor's tiles do not divide (20 here, 197 in DeiT), the matmul is padded
     with zeros to a multiple of 8 or 16, so the tiles fit; the result (a reduction over tokens included)

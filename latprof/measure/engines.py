@@ -221,9 +221,10 @@ class TVMEngine:
                 cands = tuning.candidates({name: (r.trace, r.workload.mod) for name, r in recs.items()},
                                           t.dispatched[0], self.target)
                 if cands:
-                    pending[key] = (t, src.tokens, cands, min(sum(map(float, r.run_secs)) for r in recs.values()))
+                    pending[key] = (t, src.tokens, cands, min(sum(map(float, r.run_secs)) for r in recs.values()),
+                                    g.tokens, min(float(np.mean([float(x) for x in r.run_secs])) for r in recs.values()))
         # several candidates are timed on the device; a lone one needs no timing (it keeps the anchor's)
-        flat = [(key, label, sch) for key, (_, _, cands, _) in pending.items() if len(cands) > 1
+        flat = [(key, label, sch) for key, (_, _, cands, *_) in pending.items() if len(cands) > 1
                 for label, sch in cands.items()]
         timed: dict[str, dict] = {}
         failed: dict[str, dict] = {}  # candidates with no time, and why (kept in budget.json)
@@ -240,7 +241,8 @@ class TVMEngine:
                 else:
                     failed.setdefault(key, {})[label] = why
         cache: dict = {}
-        for key, (task, src_tokens, cands, anchor_secs) in pending.items():
+        retune = []
+        for key, (task, src_tokens, cands, anchor_secs, tokens, anchor_mean) in pending.items():
             lone = len(cands) == 1
             found = {label: (anchor_secs, sch) for label, sch in cands.items()} if lone else timed.get(key)
             if not found:  # no candidate ran: tried again next time; say why
@@ -263,7 +265,23 @@ class TVMEngine:
             db.record(key, trials=self.trials, name=task.task_name, transferred_from=src_tokens, refit=chosen,
                       transfer=tuning.TRANSFER_VERSION,
                       rejected=rejected, **extra)
+            if not lone and tuning.needs_retune(task, found[chosen][0] if chosen else None, anchor_mean, src_tokens, tokens):
+                retune.append((key, task))
         db.save()
+        if retune:  # re-fits that stay far from the anchor's speed (the softmax): a short search of their own
+            n = tuning.RETUNE_TRIALS
+            bar = progress(total=len(retune) * n, desc=f"retune {len(retune)} tasks x {n} trials", unit="trial")
+            try:
+                self.tvmlib.tune_tasks([t for _, t in retune], self.target, self.tuning_dir, n, runner=runner,
+                                       on_trials=lambda name, k: bar.update(k), cross_compiler=self.cfg.cross_compiler)
+            except Exception as exc:
+                raise CompileError(f"MetaSchedule failed: {str(exc).splitlines()[-1][:200]}",
+                                   "check apache-tvm-ffi<0.1.15 and that psutil, cloudpickle, tornado, xgboost are installed") from None
+            bar.close()
+            db.db = self.tvmlib.database(self.tuning_dir)  # the best record of each task now serves it
+            for key, _ in retune:
+                db.record(key, retuned=n)
+            db.save()
 
     def _compile(self, graph: Graph, mod, db) -> Path:
         fingerprint = "untuned"
