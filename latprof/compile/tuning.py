@@ -121,11 +121,13 @@ TRANSFER_VERSION = 4  # 2: padded; 3: unwritten outputs caught; 4: anchor-tile p
 PADDED_BLOCK = "matmul"
 # A task with no matmul block (the softmax) cannot be padded, and its tuned reduction is split for a
 # parallel reduction (rfactor), which only perfect tiles allow: at N=197 its best re-fit ran 0.40-0.41 ms
-# against 0.09-0.11 ms tuned at 192 (two tuning runs), 8 trials of its own found 0.13 ms. Such a task
+# against 0.06-0.11 ms tuned at 192 (three tuning runs); 8 trials of its own found 0.11-0.13 ms. Such a task
 # gets a short search of its own, warm-started from the database, when its best re-fit is over
 # RETUNE_RATIO x the anchor's time scaled linearly to N (and by more than RETUNE_MIN_S). Matmuls are
-# left to padding: retuning them too cost 2.4 min of a cold run for small gains.
-RETUNE_RATIO, RETUNE_MIN_S, RETUNE_TRIALS = 1.5, 20e-6, 8
+# left to padding: retuning them too cost 2.4 min of a cold run for small gains. A cold run retuned the
+# softmax at 6 token counts in 1:44 (197: 0.41 -> 0.11 ms, 161: 0.24 -> 0.08; 49 and 65 gained 25-39 us,
+# which RETUNE_MIN_S now leaves alone).
+RETUNE_RATIO, RETUNE_MIN_S, RETUNE_TRIALS = 1.5, 50e-6, 8
 
 
 def needs_retune(task, best_s: float | None, anchor_s: float, anchor_tokens: int, tokens: int) -> bool:
