@@ -125,7 +125,7 @@ PADDED_BLOCK = "matmul"
 # gets a short search of its own, warm-started from the database, when its best re-fit is over
 # RETUNE_RATIO x the anchor's time scaled linearly to N (and by more than RETUNE_MIN_S). Matmuls are
 # left to padding: retuning them too cost 2.4 min of a cold run for small gains. A cold run retuned the
-# softmax at 6 token counts in 1:44 (197: 0.41 -> 0.11 ms, 161: 0.24 -> 0.08; 49 and 65 gained 25-39 us,
+# tasks (softmaxes) at 8 token counts in 1:44 (197: 0.41 -> 0.11 ms, 161: 0.24 -> 0.08; 49 and 65 gained 25-39 us,
 # which RETUNE_MIN_S now leaves alone).
 RETUNE_RATIO, RETUNE_MIN_S, RETUNE_TRIALS = 1.5, 50e-6, 8
 
