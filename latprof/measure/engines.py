@@ -182,16 +182,7 @@ class TVMEngine:
                     seen.add(key)
                     todo.append((key, t))
         if todo:
-            total = len(todo) * self.trials
-            bar = progress(total=total, desc=f"tune {len(todo)} tasks x {self.trials} trials", unit="trial")
-            try:
-                self.tvmlib.tune_tasks([t for _, t in todo], self.target, self.tuning_dir, self.trials, runner=runner,
-                                       on_trials=lambda name, n: bar.update(n), cross_compiler=self.cfg.cross_compiler)
-            except Exception as exc:
-                raise CompileError(f"MetaSchedule failed: {str(exc).splitlines()[-1][:200]}",
-                                   "check apache-tvm-ffi<0.1.15 and that psutil, cloudpickle, tornado, xgboost are installed") from None
-            bar.close()
-            db.db = self.tvmlib.database(self.tuning_dir)  # re-read what the tuner wrote
+            self._search([t for _, t in todo], self.trials, "tune", db, progress, runner)
             found = [(key, t) for key, t in todo if db.db.query_tuning_record(t.dispatched[0], self.target, "main")]
             for key, task in found:  # a task none of whose candidates ran is tried again next time
                 db.record(key, trials=self.trials, name=task.task_name, tuned=True)
@@ -269,19 +260,22 @@ class TVMEngine:
                 retune.append((key, task))
         db.save()
         if retune:  # re-fits that stay far from the anchor's speed (the softmax): a short search of their own
-            n = tuning.RETUNE_TRIALS
-            bar = progress(total=len(retune) * n, desc=f"retune {len(retune)} tasks x {n} trials", unit="trial")
-            try:
-                self.tvmlib.tune_tasks([t for _, t in retune], self.target, self.tuning_dir, n, runner=runner,
-                                       on_trials=lambda name, k: bar.update(k), cross_compiler=self.cfg.cross_compiler)
-            except Exception as exc:
-                raise CompileError(f"MetaSchedule failed: {str(exc).splitlines()[-1][:200]}",
-                                   "check apache-tvm-ffi<0.1.15 and that psutil, cloudpickle, tornado, xgboost are installed") from None
-            bar.close()
-            db.db = self.tvmlib.database(self.tuning_dir)  # the best record of each task now serves it
-            for key, _ in retune:
-                db.record(key, retuned=n)
+            self._search([t for _, t in retune], tuning.RETUNE_TRIALS, "retune", db, progress, runner)
+            for key, _ in retune:  # the best record of each task now serves it
+                db.record(key, retuned=tuning.RETUNE_TRIALS)
             db.save()
+
+    def _search(self, tasks, trials: int, what: str, db, progress, runner) -> None:
+        """MetaSchedule over `tasks` into the database (then re-read), with a progress bar."""
+        bar = progress(total=len(tasks) * trials, desc=f"{what} {len(tasks)} tasks x {trials} trials", unit="trial")
+        try:
+            self.tvmlib.tune_tasks(tasks, self.target, self.tuning_dir, trials, runner=runner,
+                                   on_trials=lambda name, n: bar.update(n), cross_compiler=self.cfg.cross_compiler)
+        except Exception as exc:
+            raise CompileError(f"MetaSchedule failed: {str(exc).splitlines()[-1][:200]}",
+                               "check apache-tvm-ffi<0.1.15 and that psutil, cloudpickle, tornado, xgboost are installed") from None
+        bar.close()
+        db.db = self.tvmlib.database(self.tuning_dir)  # re-read what the tuner wrote
 
     def _compile(self, graph: Graph, mod, db) -> Path:
         fingerprint = "untuned"
