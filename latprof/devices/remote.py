@@ -20,21 +20,23 @@ PID_RE = re.compile(r"LATPROF_PID=(\d+)")
 REQUIRED = object()
 
 
-def check_connection(cfg: DeviceConfig, schema: dict[str, tuple[Any, Any]]) -> dict:
-    """Validate cfg.connection against {field: (type or tuple of types, default)}; errors name the field.
-    Returns the section with defaults filled in (cfg.connection is updated in place)."""
-    conn = cfg.connection
+def check_connection(cfg: DeviceConfig, schema: dict[str, tuple[Any, Any]], section: dict | None = None,
+                     where: str = "connection") -> dict:
+    """Validate cfg.connection (or `section`, a part of it named `where`) against {field: (type or tuple
+    of types, default)}; errors name the field. Returns the section with defaults filled in (it is
+    updated in place)."""
+    conn = cfg.connection if section is None else section
     unknown = sorted(set(conn) - set(schema))
     if unknown:
-        raise ConfigError(f"{cfg.source}: unknown field 'connection.{unknown[0]}' for transport {cfg.transport}",
-                          f"allowed fields: {', '.join('connection.' + k for k in schema)}")
+        raise ConfigError(f"{cfg.source}: unknown field '{where}.{unknown[0]}' for transport {cfg.transport}",
+                          f"allowed fields: {', '.join(f'{where}.{k}' for k in schema)}")
     out = {}
     for key, (typ, default) in schema.items():
         value = conn.get(key)
         if value is None:
             if default is REQUIRED:
-                raise ConfigError(f"{cfg.source}: missing required field 'connection.{key}' for transport {cfg.transport}",
-                                  f"see device_configs/ and docs/devices.md for an example of connection.{key}")
+                raise ConfigError(f"{cfg.source}: missing required field '{where}.{key}' for transport {cfg.transport}",
+                                  f"see device_configs/ and docs/devices.md for an example of {where}.{key}")
             out[key] = default
             continue
         types = typ if isinstance(typ, tuple) else (typ,)
@@ -42,13 +44,13 @@ def check_connection(cfg: DeviceConfig, schema: dict[str, tuple[Any, Any]]) -> d
             value = float(value)
         if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
             names = " or ".join(t.__name__ for t in types)
-            raise ConfigError(f"{cfg.source}: field 'connection.{key}' must be {names}, got {value!r}",
-                              f"set connection.{key} to a {names}")
+            raise ConfigError(f"{cfg.source}: field '{where}.{key}' must be {names}, got {value!r}",
+                              f"set {where}.{key} to a {names}")
         out[key] = value
     if "env" in out and out["env"] is not None:
         for k, v in out["env"].items():
             if not (isinstance(k, str) and re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", k)) or isinstance(v, (dict, list)):
-                raise ConfigError(f"{cfg.source}: field 'connection.env' has a bad entry {k!r}: {v!r}",
+                raise ConfigError(f"{cfg.source}: field '{where}.env' has a bad entry {k!r}: {v!r}",
                                   "use NAME: value pairs with shell-variable names")
     conn.update(out)
     return out

@@ -74,7 +74,8 @@ class SSHTransport:
         return SSHSession(cfg)
 
 
-JUMP_FIELDS = {"host": str, "port": int, "user": str, "key": str, "agent": bool}
+JUMP_SCHEMA = {"host": (str, REQUIRED), "port": (int, 22), "user": (str, None), "key": (str, None),
+               "agent": (bool, None)}
 
 
 def _check_auth(cfg: DeviceConfig, section: dict, where: str) -> None:
@@ -85,22 +86,11 @@ def _check_auth(cfg: DeviceConfig, section: dict, where: str) -> None:
 
 def _check_jump(cfg: DeviceConfig, conn: dict) -> dict:
     """The bastion: the connection's user and credentials unless it names its own."""
-    jump = dict(conn["jump"])
-    unknown = sorted(set(jump) - set(JUMP_FIELDS))
-    if unknown:
-        raise ConfigError(f"{cfg.source}: unknown field 'connection.jump.{unknown[0]}'",
-                          f"allowed fields: {', '.join('connection.jump.' + k for k in JUMP_FIELDS)}")
-    if not isinstance(jump.get("host"), str):
-        raise ConfigError(f"{cfg.source}: missing required field 'connection.jump.host'",
-                          "set connection.jump.host to the bastion's address (like ssh -J HOST)")
-    own_auth = "key" in jump or "agent" in jump
-    jump = {"port": 22, "user": conn["user"], **({} if own_auth else {"key": conn["key"], "agent": conn["agent"]}),
-            **jump}
-    for k, typ in JUMP_FIELDS.items():
-        v = jump.get(k)
-        if v is not None and (not isinstance(v, typ) or (typ is int and isinstance(v, bool))):
-            raise ConfigError(f"{cfg.source}: field 'connection.jump.{k}' must be {typ.__name__}, got {v!r}",
-                              f"set connection.jump.{k} to a {typ.__name__}")
+    own_auth = "key" in conn["jump"] or "agent" in conn["jump"]
+    jump = check_connection(cfg, JUMP_SCHEMA, dict(conn["jump"]), "connection.jump")
+    jump["user"] = jump["user"] or conn["user"]
+    if not own_auth:
+        jump.update(key=conn["key"], agent=conn["agent"])
     if not 0 < jump["port"] < 65536:
         raise ConfigError(f"{cfg.source}: field 'connection.jump.port' must be a TCP port, got {jump['port']}",
                           "set connection.jump.port to the bastion's sshd port (usually 22)")
