@@ -248,12 +248,43 @@ def test_a_task_whose_search_space_is_used_up_is_ended():
         def generate_measure_candidates(self):
             return self.out
 
+    told = []
+
     def ending(out):
-        return type(tvmlib._ending_search()._inst)(Inner(out))  # the Python class behind the TVM object
+        cls = type(tvmlib._ending_search(lambda name, n: told.append((name, n)))._inst)  # the Python class
+        strategy = cls(Inner(out))
+        strategy.task_name = "fused_matmul"
+        return strategy
 
     assert ending([]).generate_measure_candidates() is None
     assert ending(None).generate_measure_candidates() is None
-    assert ending(["candidate"]).generate_measure_candidates() == ["candidate"]
+    assert ending(["a", "b"]).generate_measure_candidates() == ["a", "b"]
+    # progress is told as candidates are generated: MetaSchedule's measure callbacks wait until every
+    # task has had its first round, and a bar fed by them sat at 0 for most of a tuning run
+    assert told == [("fused_matmul", 2)]
+
+
+def test_the_bonus_budget_goes_to_the_tasks_that_cost_most_in_the_model(tmp_path):
+    """Two matmul tasks of the same size, one counted 12 times (as a DeiT block's) and one once (as the
+    patch embedding's): after a round each, the extra round goes to the one that runs 12 times."""
+    import torch
+
+    from latprof.compile import tvmlib
+    from latprof.export import export_unit
+
+    torch.manual_seed(0)
+    two = torch.nn.Sequential(torch.nn.Linear(64, 48), torch.nn.Linear(48, 64)).eval()
+    g = export_unit(two, (1, 64, 64), tmp_path / "graphs", "tiny", "two", 64)
+    target = tvmlib.make_target(tvmlib.target_dict({"kind": "llvm"}, 1))
+    tasks = [t for t in tvmlib.extract_tasks(tvmlib.prepare(tvmlib.import_onnx(g.path), target), target)
+             if "matmul" in t.task_name]
+    assert len(tasks) == 2
+    told = {}
+    tvmlib.tune_tasks(tasks, target, tmp_path / "db", 2, counts=[1, 12],
+                      on_trials=lambda name, n: told.__setitem__(name, told.get(name, 0) + n))
+    light, heavy = (tasks[0].task_name, tasks[1].task_name)
+    assert tvmlib.search_budget(2, 2) == 4 + 2
+    assert told == {light: 2, heavy: 4}, told
 
 
 def test_verify_rejects_a_schedule_that_computes_something_else():

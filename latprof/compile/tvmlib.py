@@ -4,6 +4,7 @@ needs from it goes through the functions here."""
 from __future__ import annotations
 
 import functools
+import math
 import os
 from pathlib import Path
 
@@ -85,13 +86,30 @@ def database(work_dir: str | Path):
 _console_level: int | None = None  # MetaSchedule's console log level (see tune_tasks)
 
 
+# How the budget of several tasks is spent: every task gets one round of trials_per_task candidates, then
+# BONUS x that budget more goes, round by round, to the tasks whose best time (weighted by how often they
+# run in the model) is largest and still falling (MetaSchedule's gradient scheduler), up to SHARE x
+# trials_per_task per task. With an even split of 16 trials each, DeiT-T's block was at the mercy of one
+# draw: fc1 at N=192 ran 0.58 ms in one cold run and 0.28-0.36 ms in three others. A round costs about
+# 10 s here whatever its size (evolutionary search, builder start-up), so rounds stay whole: halving
+# them to spread the same budget further made the tuning 9 minutes instead of 4.8.
+BONUS, SHARE = 0.25, 4
+
+
+def search_budget(n_tasks: int, trials_per_task: int) -> int:
+    """Candidates measured when tuning n_tasks tasks together (the most: a task's search may end early)."""
+    per_iter = min(64, max(trials_per_task, 1))
+    return trials_per_task * n_tasks + per_iter * math.ceil(BONUS * (n_tasks - 1))
+
+
 def tune_tasks(tasks, target, work_dir: str | Path, trials_per_task: int, runner=None, seed: int = 0,
-               on_trials=None, cross_compiler: str | None = None):
+               on_trials=None, cross_compiler: str | None = None, counts: list[int] | None = None):
     """Tune extracted tasks together into the persistent database at work_dir: one builder/runner pool
     and one cost model for all of them (per-task calls spent minutes each on pool start-up here).
-    `on_trials(task_name, n)` is called as candidates are measured (progress)."""
+    Each task gets `trials_per_task` candidates, and the slowest ones more (BONUS, SHARE); `counts` says
+    how many times each task's graph runs in the model (twelve for a DeiT block), which weighs its time.
+    `on_trials(task_name, n)` is called as a task's candidates go to be built and measured (progress)."""
     from tvm.s_tir import meta_schedule as ms
-    from tvm.ir.utils import derived_object
 
     import logging
 
@@ -105,33 +123,33 @@ def tune_tasks(tasks, target, work_dir: str | Path, trials_per_task: int, runner
         _console_level = ms_logger.level if ms_logger.level != logging.NOTSET else logging.WARNING
     ms_logger.setLevel(_console_level)
     db = database(work_dir)
-    contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
-        tasks, str(Path(work_dir) / "logs"), strategy=_ending_search(), seed=seed)
-    if not contexts:
+    counts = counts or [1] * len(tasks)
+    todo = [(t, c) for t, c in zip(tasks, counts) if not t.mod.attrs.get("tirx.is_scheduled", False)]
+    if not todo:
         return db
+    contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
+        [t for t, _ in todo], str(Path(work_dir) / "logs"), strategy=_ending_search(on_trials), seed=seed)
+    weights = [float(w) * c for w, (_, c) in zip(weights, todo)]
     callbacks = list(ms.measure_callback.MeasureCallback.create("default"))
-    if on_trials is not None:
-        names = [t.task_name for t in tasks]
-
-        @derived_object
-        class Progress(ms.measure_callback.PyMeasureCallback):
-            def apply(self, task_scheduler, task_id, measure_candidates, builder_results, runner_results):
-                on_trials(names[task_id], len(measure_candidates))
-
-        callbacks.append(Progress())
+    per_iter = min(64, max(trials_per_task, 1))
     ms.tune.tune_tasks(
         tasks=contexts, task_weights=weights, work_dir=str(Path(work_dir) / "logs"),
-        max_trials_global=trials_per_task * len(contexts), max_trials_per_task=trials_per_task,
-        num_trials_per_iter=min(64, max(trials_per_task, 1)), database=db,
+        max_trials_global=search_budget(len(contexts), trials_per_task),
+        max_trials_per_task=trials_per_task * SHARE, num_trials_per_iter=per_iter, database=db,
+        task_scheduler="gradient",
         runner=runner or "local", builder=candidate_builder(cross_compiler), measure_callbacks=callbacks)
     return db
 
 
-def _ending_search():
+def _ending_search(on_trials=None):
     """MetaSchedule's evolutionary search, except that a task whose search finds no candidate it has not
     measured yet is ended at once. MetaSchedule picks such a task (a small space, all of it measured:
     the whole models' elementwise exp and small sums in `validate`) again until its search has failed
-    5 times, 3 s a round: one validate run here spent 4-5 min on 20 such tasks, measuring nothing."""
+    5 times, 3 s a round: one validate run here spent 4-5 min on 20 such tasks, measuring nothing.
+
+    It also reports progress, `on_trials(task_name, n)`, as candidates are generated: MetaSchedule's
+    measure callbacks run only when a task's results are collected, which its scheduler defers until
+    every task has had its first round, so a bar fed by them sat at 0 for the whole first 4.5 minutes."""
     from tvm.ir.utils import derived_object
     from tvm.s_tir import meta_schedule as ms
 
@@ -139,9 +157,11 @@ def _ending_search():
     class EndingSearch(ms.search_strategy.PySearchStrategy):
         def __init__(self, inner=None):
             self.inner = inner or ms.search_strategy.EvolutionarySearch()
+            self.task_name = ""
 
         def _initialize_with_tune_context(self, context) -> None:
             self.inner._initialize_with_tune_context(context)
+            self.task_name = str(context.task_name)
 
         def pre_tuning(self, max_trials, num_trials_per_iter, design_spaces, database=None, cost_model=None):
             self.inner.pre_tuning(max_trials, num_trials_per_iter, design_spaces, database, cost_model)
@@ -151,7 +171,11 @@ def _ending_search():
 
         def generate_measure_candidates(self):
             out = self.inner.generate_measure_candidates()
-            return None if out is not None and len(out) == 0 else out  # None ends the task
+            if not out:
+                return None  # None ends the task
+            if on_trials is not None:
+                on_trials(self.task_name, len(out))
+            return out
 
         def notify_runner_results(self, candidates, results) -> None:
             self.inner.notify_runner_results(candidates, results)

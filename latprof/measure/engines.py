@@ -18,7 +18,7 @@ import numpy as np
 
 from latprof.compile import tuning
 from latprof.devices.config import DeviceConfig
-from latprof.errors import CompileError, ConfigError, DeviceError, require
+from latprof.errors import CompileError, ConfigError, DeviceError, UsageError, require
 from latprof.export import Graph
 
 OUTPUT_TOLERANCE = 2e-3  # device output vs onnxruntime (fast-math erf/exp differ by ~1e-5)
@@ -43,6 +43,16 @@ def get_engine(name: str, cfg: DeviceConfig, workdir: Path, trials: int | None =
 def needs_session(name: str) -> bool:
     """Whether an engine runs through the device session (TVM) or in this process (onnxruntime)."""
     return bool(getattr(_ENGINES.get(name), "needs_session", False))
+
+
+def unit_count(graph: Graph) -> int:
+    """How many of its model's units one graph stands for (DeiT-T's block graph: 12; otherwise 1)."""
+    from latprof.models import get_model
+
+    try:
+        return max(1, sum(u.shared == graph.shared for u in get_model(graph.model).units))
+    except UsageError:  # not a registered model's unit (a whole pruned model in validate)
+        return 1
 
 
 def reference_output(graph: Graph, x: np.ndarray) -> np.ndarray:
@@ -174,15 +184,16 @@ class TVMEngine:
         # tuned for real: the anchors, and graphs of units that have no anchor (fixed-cost units)
         direct = anchors + [g for g in graphs if g.shared not in anchored]
         tasks = {g.digest: self._tasks(prepared[g.digest]) for g in [*graphs, *anchors]}
-        todo, seen = [], set()
+        todo, runs = [], {}  # runs: how often a task runs in its model (a DeiT block's: 12x)
         for g in direct:
             for t in tasks[g.digest]:
                 key = tuning.task_key(t)
-                if key not in seen and db.trials(key) < self.trials:
-                    seen.add(key)
+                if key not in runs and db.trials(key) < self.trials:
                     todo.append((key, t))
+                runs[key] = runs.get(key, 0) + unit_count(g)
         if todo:
-            self._search([t for _, t in todo], self.trials, "tune", db, progress, runner)
+            self._search([t for _, t in todo], self.trials, "tune", db, progress, runner,
+                         counts=[runs[key] for key, _ in todo])
             found = [(key, t) for key, t in todo if db.db.query_tuning_record(t.dispatched[0], self.target, "main")]
             for key, task in found:  # a task none of whose candidates ran is tried again next time
                 db.record(key, trials=self.trials, name=task.task_name, tuned=True)
@@ -265,15 +276,17 @@ class TVMEngine:
                 db.record(key, retuned=tuning.RETUNE_TRIALS)
             db.save()
 
-    def _search(self, tasks, trials: int, what: str, db, progress, runner) -> None:
+    def _search(self, tasks, trials: int, what: str, db, progress, runner, counts=None) -> None:
         """MetaSchedule over `tasks` into the database (then re-read), with a progress bar."""
-        bar = progress(total=len(tasks) * trials, desc=f"{what} {len(tasks)} tasks x {trials} trials", unit="trial")
+        bar = progress(total=self.tvmlib.search_budget(len(tasks), trials),
+                       desc=f"{what} {len(tasks)} tasks x {trials}+ trials", unit="trial")
         try:
-            self.tvmlib.tune_tasks(tasks, self.target, self.tuning_dir, trials, runner=runner,
+            self.tvmlib.tune_tasks(tasks, self.target, self.tuning_dir, trials, runner=runner, counts=counts,
                                    on_trials=lambda name, n: bar.update(n), cross_compiler=self.cfg.cross_compiler)
         except Exception as exc:
             raise CompileError(f"MetaSchedule failed: {str(exc).splitlines()[-1][:200]}",
                                "check apache-tvm-ffi<0.1.15 and that psutil, cloudpickle, tornado, xgboost are installed") from None
+        bar.update(max(0, bar.total - bar.n))  # searches that ran out of new candidates end early
         bar.close()
         db.db = self.tvmlib.database(self.tuning_dir)  # re-read what the tuner wrote
 
