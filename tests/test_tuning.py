@@ -285,6 +285,11 @@ def test_the_bonus_budget_goes_to_the_tasks_that_cost_most_in_the_model(tmp_path
     light, heavy = (tasks[0].task_name, tasks[1].task_name)
     assert tvmlib.search_budget(2, 2) == 4 + 2
     assert told == {light: 2, heavy: 4}, told
+    # without the bonus (validate's whole models, the softmax retune) each task gets its trials, no more
+    told.clear()
+    tvmlib.tune_tasks(tasks, target, tmp_path / "db2", 2, counts=[1, 12], bonus=False,
+                      on_trials=lambda name, n: told.__setitem__(name, told.get(name, 0) + n))
+    assert told == {light: 2, heavy: 2} and tvmlib.search_budget(2, 2, bonus=False) == 4, told
 
 
 def test_verify_rejects_a_schedule_that_computes_something_else():

@@ -96,18 +96,20 @@ _console_level: int | None = None  # MetaSchedule's console log level (see tune_
 BONUS, SHARE = 0.25, 4
 
 
-def search_budget(n_tasks: int, trials_per_task: int) -> int:
+def search_budget(n_tasks: int, trials_per_task: int, bonus: bool = True) -> int:
     """Candidates measured when tuning n_tasks tasks together (the most: a task's search may end early)."""
     per_iter = min(64, max(trials_per_task, 1))
-    return trials_per_task * n_tasks + per_iter * math.ceil(BONUS * (n_tasks - 1))
+    return trials_per_task * n_tasks + (per_iter * math.ceil(BONUS * (n_tasks - 1)) if bonus else 0)
 
 
 def tune_tasks(tasks, target, work_dir: str | Path, trials_per_task: int, runner=None, seed: int = 0,
-               on_trials=None, cross_compiler: str | None = None, counts: list[int] | None = None):
+               on_trials=None, cross_compiler: str | None = None, counts: list[int] | None = None,
+               bonus: bool = True):
     """Tune extracted tasks together into the persistent database at work_dir: one builder/runner pool
     and one cost model for all of them (per-task calls spent minutes each on pool start-up here).
     Each task gets `trials_per_task` candidates, and the slowest ones more (BONUS, SHARE); `counts` says
     how many times each task's graph runs in the model (twelve for a DeiT block), which weighs its time.
+    `bonus=False` gives every task its trials_per_task and no more.
     `on_trials(task_name, n)` is called as a task's candidates go to be built and measured (progress)."""
     from tvm.s_tir import meta_schedule as ms
 
@@ -134,8 +136,8 @@ def tune_tasks(tasks, target, work_dir: str | Path, trials_per_task: int, runner
     per_iter = min(64, max(trials_per_task, 1))
     ms.tune.tune_tasks(
         tasks=contexts, task_weights=weights, work_dir=str(Path(work_dir) / "logs"),
-        max_trials_global=search_budget(len(contexts), trials_per_task),
-        max_trials_per_task=trials_per_task * SHARE, num_trials_per_iter=per_iter, database=db,
+        max_trials_global=search_budget(len(contexts), trials_per_task, bonus),
+        max_trials_per_task=trials_per_task * (SHARE if bonus else 1), num_trials_per_iter=per_iter, database=db,
         task_scheduler="gradient",
         runner=runner or "local", builder=candidate_builder(cross_compiler), measure_callbacks=callbacks)
     return db

@@ -192,8 +192,11 @@ class TVMEngine:
                     todo.append((key, t))
                 runs[key] = runs.get(key, 0) + unit_count(g)
         if todo:
+            # the table's units get the bonus rounds; validate's whole pruned models (no anchors), whose
+            # novel tasks (fusions across units, at every schedule's own N) each get the plain budget:
+            # with the bonus (4x the cap per task), the scheduler re-picked a few small tasks for 7 minutes
             self._search([t for _, t in todo], self.trials, "tune", db, progress, runner,
-                         counts=[runs[key] for key, _ in todo])
+                         counts=[runs[key] for key, _ in todo], bonus=bool(anchors))
             found = [(key, t) for key, t in todo if db.db.query_tuning_record(t.dispatched[0], self.target, "main")]
             for key, task in found:  # a task none of whose candidates ran is tried again next time
                 db.record(key, trials=self.trials, name=task.task_name, tuned=True)
@@ -271,18 +274,19 @@ class TVMEngine:
                 retune.append((key, task))
         db.save()
         if retune:  # re-fits that stay far from the anchor's speed (the softmax): a short search of their own
-            self._search([t for _, t in retune], tuning.RETUNE_TRIALS, "retune", db, progress, runner)
+            self._search([t for _, t in retune], tuning.RETUNE_TRIALS, "retune", db, progress, runner, bonus=False)
             for key, _ in retune:  # the best record of each task now serves it
                 db.record(key, retuned=tuning.RETUNE_TRIALS)
             db.save()
 
-    def _search(self, tasks, trials: int, what: str, db, progress, runner, counts=None) -> None:
+    def _search(self, tasks, trials: int, what: str, db, progress, runner, counts=None, bonus=True) -> None:
         """MetaSchedule over `tasks` into the database (then re-read), with a progress bar."""
-        bar = progress(total=self.tvmlib.search_budget(len(tasks), trials),
-                       desc=f"{what} {len(tasks)} tasks x {trials}+ trials", unit="trial")
+        bar = progress(total=self.tvmlib.search_budget(len(tasks), trials, bonus),
+                       desc=f"{what} {len(tasks)} tasks x {trials}{'+' if bonus else ''} trials", unit="trial")
         try:
-            self.tvmlib.tune_tasks(tasks, self.target, self.tuning_dir, trials, runner=runner, counts=counts,
-                                   on_trials=lambda name, n: bar.update(n), cross_compiler=self.cfg.cross_compiler)
+            self.tvmlib.tune_tasks(tasks, self.target, self.tuning_dir, trials, runner=runner, counts=counts, bonus=bonus,
+                                   on_trials=lambda name, n: bar.update(min(n, bar.total - bar.n)),
+                                   cross_compiler=self.cfg.cross_compiler)
         except Exception as exc:
             raise CompileError(f"MetaSchedule failed: {str(exc).splitlines()[-1][:200]}",
                                "check apache-tvm-ffi<0.1.15 and that psutil, cloudpickle, tornado, xgboost are installed") from None
