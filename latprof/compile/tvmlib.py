@@ -96,10 +96,14 @@ _console_level: int | None = None  # MetaSchedule's console log level (see tune_
 BONUS, SHARE = 0.25, 4
 
 
+def _round_size(trials_per_task: int) -> int:
+    return min(64, max(trials_per_task, 1))
+
+
 def search_budget(n_tasks: int, trials_per_task: int, bonus: bool = True) -> int:
     """Candidates measured when tuning n_tasks tasks together (the most: a task's search may end early)."""
-    per_iter = min(64, max(trials_per_task, 1))
-    return trials_per_task * n_tasks + (per_iter * math.ceil(BONUS * (n_tasks - 1)) if bonus else 0)
+    bonus_rounds = math.ceil(BONUS * (n_tasks - 1)) if bonus else 0
+    return trials_per_task * n_tasks + _round_size(trials_per_task) * bonus_rounds
 
 
 def tune_tasks(tasks, target, work_dir: str | Path, trials_per_task: int, runner=None, seed: int = 0,
@@ -133,11 +137,11 @@ def tune_tasks(tasks, target, work_dir: str | Path, trials_per_task: int, runner
         [t for t, _ in todo], str(Path(work_dir) / "logs"), strategy=_ending_search(on_trials), seed=seed)
     weights = [float(w) * c for w, (_, c) in zip(weights, todo)]
     callbacks = list(ms.measure_callback.MeasureCallback.create("default"))
-    per_iter = min(64, max(trials_per_task, 1))
     ms.tune.tune_tasks(
         tasks=contexts, task_weights=weights, work_dir=str(Path(work_dir) / "logs"),
         max_trials_global=search_budget(len(contexts), trials_per_task, bonus),
-        max_trials_per_task=trials_per_task * (SHARE if bonus else 1), num_trials_per_iter=per_iter, database=db,
+        max_trials_per_task=trials_per_task * (SHARE if bonus else 1),
+        num_trials_per_iter=_round_size(trials_per_task), database=db,
         task_scheduler="gradient",
         runner=runner or "local", builder=candidate_builder(cross_compiler), measure_callbacks=callbacks)
     return db
