@@ -186,11 +186,12 @@ class TVMEngine:
         tasks = {g.digest: self._tasks(prepared[g.digest]) for g in [*graphs, *anchors]}
         todo, runs = [], {}  # runs: how often a task runs in its model (a DeiT block's: 12x)
         for g in direct:
+            count = unit_count(g)
             for t in tasks[g.digest]:
                 key = tuning.task_key(t)
                 if key not in runs and db.trials(key) < self.trials:
                     todo.append((key, t))
-                runs[key] = runs.get(key, 0) + unit_count(g)
+                runs[key] = runs.get(key, 0) + count
         if todo:
             # the table's units get the bonus rounds; validate's whole pruned models (no anchors), whose
             # novel tasks (fusions across units, at every schedule's own N) each get the plain budget:
