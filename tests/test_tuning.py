@@ -143,7 +143,9 @@ def test_tune_transfer_and_build(tuned):
 
 @pytest.mark.slow
 def test_transfer_candidates_are_correct(tuned):
-    """Every re-fit candidate (predicated tails included) computes the same thing as the untuned task."""
+    """Re-fit candidates (predicated tails included) are checked against the untuned task: `verify`
+    keeps exactly those that compute the same thing (a predicated softmax tail can be wrong: it depends on
+    the tuned schedule), and every task keeps at least one."""
     import tvm
     from tvm.s_tir import meta_schedule as ms
 
@@ -164,11 +166,15 @@ def test_transfer_candidates_are_correct(tuned):
         args = [rng.standard_normal([int(s) for s in a.shape]).astype(str(a.dtype)) for a in infos]
         want = [tvm.runtime.tensor(a) for a in args]
         tvm.compile(task.dispatched[0], target=eng.target)["main"](*want)
+        right = set()
         for label, sch in cands.items():
             got = [tvm.runtime.tensor(a) for a in args]
             tvm.compile(sch.mod, target=eng.target)["main"](*got)
-            assert np.allclose(got[-1].numpy(), want[-1].numpy(), atol=1e-4), (name, label)
+            if np.allclose(got[-1].numpy(), want[-1].numpy(), rtol=1e-3, atol=1e-3):  # verify's tolerance
+                right.add(label)
+            assert tuning.verify(task.dispatched[0], sch) == (label in right), (name, label)
             labels.add(label.split(":")[-1])
+        assert right, name
     assert {"predicated", "divisors"} <= labels
 
 
@@ -213,14 +219,10 @@ def test_session_runner_times_candidates_on_the_device(monkeypatch, tmp_path):
 
 def test_candidates_build_without_importing_every_tensor_intrinsic():
     """MetaSchedule's default build imports tvm.s_tir.tensor_intrin (every intrinsic TVM has: 25-50 s
-    here) in each builder worker, and its builder starts fresh workers for every batch; ours does not,
-    and what it builds runs."""
+    here) in each builder worker; ours does not, and what it builds runs."""
     import subprocess
     import sys
 
-    from latprof.compile import tvmlib
-
-    assert tvmlib.candidate_builder()._inst.f_build is tvmlib.build_candidate  # what its workers call
     code = (
         "import sys, numpy as np, tvm\n"
         "from tvm import te\n"
@@ -234,6 +236,39 @@ def test_candidates_build_without_importing_every_tensor_intrinsic():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.split()[-2:] == ["56.0", "False"], out.stdout
+
+
+def test_the_candidate_builder_keeps_its_workers_between_calls():
+    """MetaSchedule's LocalBuilder starts new worker processes at every call, each importing TVM (2.7 s
+    here, once per tuning round); ours keeps them until close(), and what they build runs."""
+    import psutil
+    import tvm
+    from tvm.s_tir import meta_schedule as ms
+
+    from latprof.compile import tvmlib
+
+    def workers():
+        return {p.pid for p in psutil.Process().children(recursive=True)
+                if p.status() != psutil.STATUS_ZOMBIE and "popen_worker" in " ".join(p.cmdline())}
+
+    target = tvm.target.Target("llvm")
+    naive, fast = _matmul_schedules()
+    builder = tvmlib.candidate_builder()
+    try:
+        first = builder.build([ms.builder.BuilderInput(naive.mod, target)])
+        serving = workers()
+        second = builder.build([ms.builder.BuilderInput(fast.mod, target)])
+        assert serving and workers() == serving
+    finally:
+        builder.close()
+    assert not workers() & serving, "close() left the builder's workers running"
+    a, b = np.random.rand(64, 64).astype("float32"), np.random.rand(64, 64).astype("float32")
+    for res in first + second:
+        assert res.error_msg is None, res.error_msg
+        c = tvm.runtime.tensor(np.zeros((64, 64), "float32"))
+        tvm.runtime.load_module(res.artifact_path)["main"](tvm.runtime.tensor(a), tvm.runtime.tensor(b), c)
+        np.testing.assert_allclose(c.numpy(), a @ b, rtol=1e-4)
+        ms.utils.remove_build_dir(res.artifact_path)
 
 
 def test_a_task_whose_search_space_is_used_up_is_ended():
@@ -352,22 +387,6 @@ def _tiled_trace(mod, block: str = "matmul"):
     sch.reorder(ti[0], tj[0], ti[1], tj[1], tk[0], ti[2], tj[2], tk[1], ti[3], tj[3])
     sch.annotate(sch.get_sblock("root"), "meta_schedule.vectorize", 16)
     return sch.trace
-
-
-def test_padding_to_the_anchor_tile_keeps_its_inner_tiles():
-    """"padtile": each token axis padded to a multiple of its anchor tile's inner product (rows 2x2x4 =
-    16: 20 -> 32; the reduction's inner 4 divides 20: not padded), so the replay changes only outer loops."""
-    import tvm
-
-    target = tvm.target.Target({"kind": "llvm", "num-cores": 1})
-    src, dst = _token_matmul(16), _token_matmul(20)
-    trace = _tiled_trace(src)
-    assert tuning._anchor_tile_pads(trace, src, dst) == [1, 16, 1, 1]
-    assert tuning._anchor_tile_pads(trace, src, _token_matmul(32)) is None  # the tiles fit: nothing to pad
-    sch = tuning.candidates({"matmul": (trace, src)}, dst, target)["padtile:divisors"]
-    assert tuning.verify(dst, sch)
-    text = str(sch.trace)  # changed tile samples are replayed as constant split factors
-    assert "factors=[2, 2, 2, 4]" in text and "factors=[5, 4]" in text, text  # rows: only the outer factor grew
 
 
 def test_retune_a_softmax_no_re_fit_brings_close_to_its_anchor():

@@ -137,13 +137,16 @@ def tune_tasks(tasks, target, work_dir: str | Path, trials_per_task: int, runner
         [t for t, _ in todo], str(Path(work_dir) / "logs"), strategy=_ending_search(on_trials), seed=seed)
     weights = [float(w) * c for w, (_, c) in zip(weights, todo)]
     callbacks = list(ms.measure_callback.MeasureCallback.create("default"))
-    ms.tune.tune_tasks(
-        tasks=contexts, task_weights=weights, work_dir=str(Path(work_dir) / "logs"),
-        max_trials_global=search_budget(len(contexts), trials_per_task, bonus),
-        max_trials_per_task=trials_per_task * (SHARE if bonus else 1),
-        num_trials_per_iter=_round_size(trials_per_task), database=db,
-        task_scheduler="gradient",
-        runner=runner or "local", builder=candidate_builder(cross_compiler), measure_callbacks=callbacks)
+    builder = candidate_builder(cross_compiler)
+    try:
+        ms.tune.tune_tasks(
+            tasks=contexts, task_weights=weights, work_dir=str(Path(work_dir) / "logs"),
+            max_trials_global=search_budget(len(contexts), trials_per_task, bonus),
+            max_trials_per_task=trials_per_task * (SHARE if bonus else 1),
+            num_trials_per_iter=_round_size(trials_per_task), database=db,
+            task_scheduler="gradient", runner=runner or "local", builder=builder, measure_callbacks=callbacks)
+    finally:
+        builder.close()
     return db
 
 
@@ -211,8 +214,8 @@ def export_for_device(cross_compiler: str | None, mod) -> str:
 def build_candidate(mod, target, _params=None):
     """MetaSchedule's default build without its first step, `import tvm.s_tir.tensor_intrin`: that
     registers every tensor intrinsic TVM has (CUDA, Hexagon, ...) and took 25-50 s here, in every builder
-    worker, and LocalBuilder starts fresh workers for every batch of candidates. It was 30 of the 35 s a
-    16-candidate batch took to build. A scheduled candidate needs no registry: a tensorized block
+    worker, and MetaSchedule's LocalBuilder starts fresh workers for every batch of candidates. It was 30
+    of the 35 s a 16-candidate batch took to build. A scheduled candidate needs no registry: a tensorized block
     already holds the intrinsic's body."""
     from tvm.driver import build as tvm_build
     from tvm.s_tir.transform import RemoveWeightLayoutRewriteBlock
@@ -220,14 +223,49 @@ def build_candidate(mod, target, _params=None):
     return tvm_build(RemoveWeightLayoutRewriteBlock(skip_tensor_rewrite=True)(mod), target=target)
 
 
+def _build_and_export(mod, target, cross_compiler):
+    return export_for_device(cross_compiler, build_candidate(mod, target))
+
+
+# Builds a worker process serves before it is replaced: LocalBuilder replaces its workers at every call
+# for "a known memory leak issue with the PopenPool workers after a couple times of usage".
+WORKER_USES = 256
+
+
 def candidate_builder(cross_compiler: str | None = None):
-    """MetaSchedule's local builder pool, linking candidates into shared libraries for the device."""
-    import functools
+    """A MetaSchedule builder linking candidates into shared libraries for the device, on worker
+    processes kept between calls. MetaSchedule's LocalBuilder starts fresh ones at every call, and each
+    imports TVM (2.7 s here): once per tuning round and per batch of transfer candidates, about 2 minutes
+    of a cold run. `close()` stops the workers."""
+    import os
 
+    from tvm.ir.utils import derived_object
     from tvm.s_tir import meta_schedule as ms
+    from tvm.support.popen_pool import PopenPoolExecutor, StatusKind
 
-    return ms.builder.LocalBuilder(timeout_sec=60, f_build=build_candidate,
-                                   f_export=functools.partial(export_for_device, cross_compiler))
+    @derived_object
+    class PooledBuilder(ms.builder.PyBuilder):
+        def __init__(self):
+            self.pool = PopenPoolExecutor(max_workers=os.cpu_count() or 1, timeout=60,
+                                          maximum_process_uses=WORKER_USES)
+
+        def build(self, build_inputs):
+            results = []
+            for res in self.pool.map_with_error_catching(
+                    lambda args: _build_and_export(*args),
+                    [(b.mod, b.target, cross_compiler) for b in build_inputs]):
+                if res.status == StatusKind.COMPLETE:
+                    results.append(ms.builder.BuilderResult(res.value, None))
+                elif res.status == StatusKind.TIMEOUT:
+                    results.append(ms.builder.BuilderResult(None, "build timed out after 60 s"))
+                else:
+                    results.append(ms.builder.BuilderResult(None, f"build failed: {res.value}"))
+            return results
+
+        def close(self):
+            self.pool.shutdown()
+
+    return PooledBuilder()
 
 
 def session_runner(rpc):
@@ -278,7 +316,7 @@ def session_runner(rpc):
     return SessionRunner()
 
 
-def benchmark(schedules: list, target, on_done=None, chunk: int = 64, runner=None,
+def benchmark(schedules: list, target, on_done=None, chunk: int = 32, runner=None,
               cross_compiler: str | None = None, errors: list | None = None) -> list[float | None]:
     """Median run time in seconds of each schedule's function (None where it failed to build or run),
     built and run the way MetaSchedule measures its candidates: one builder pool, and the given runner
@@ -294,28 +332,31 @@ def benchmark(schedules: list, target, on_done=None, chunk: int = 64, runner=Non
     runner = runner or ms.runner.LocalRunner(evaluator_config=_evaluator())
     device = "cpu" if target.kind.name == "llvm" else str(target.kind.name)
     out: list[float | None] = []
-    for i in range(0, len(schedules), chunk):
-        part = schedules[i:i + chunk]
-        built = builder.build([ms.builder.BuilderInput(s.mod, target) for s in part])
-        ok = [(j, b) for j, b in enumerate(built) if b.error_msg is None]
-        futures = runner.run([ms.runner.RunnerInput(b.artifact_path, device,
-                                                    ms.arg_info.ArgInfo.from_prim_func(part[j].mod["main"]))
-                              for j, b in ok])
-        times: list[float | None] = [None] * len(part)
-        why: list[str | None] = [None if b.error_msg is None else "build: " + _first_line(b.error_msg) for b in built]
-        for (j, _), fut in zip(ok, futures):
-            res = fut.result()
-            if res.error_msg is None and res.run_secs:
-                times[j] = statistics.median(float(getattr(t, "value", t)) for t in res.run_secs)
-            else:
-                why[j] = "run: " + _first_line(res.error_msg or "no run time reported")
-        for _, b in ok:  # MetaSchedule's tuning loop removes its artifacts; this loop must too
-            ms.utils.remove_build_dir(b.artifact_path)
-        out += times
-        if errors is not None:
-            errors += why
-        if on_done is not None:
-            on_done(len(part))
+    try:
+        for i in range(0, len(schedules), chunk):
+            part = schedules[i:i + chunk]
+            built = builder.build([ms.builder.BuilderInput(s.mod, target) for s in part])
+            ok = [(j, b) for j, b in enumerate(built) if b.error_msg is None]
+            futures = runner.run([ms.runner.RunnerInput(b.artifact_path, device,
+                                                        ms.arg_info.ArgInfo.from_prim_func(part[j].mod["main"]))
+                                  for j, b in ok])
+            times: list[float | None] = [None] * len(part)
+            why: list[str | None] = [None if b.error_msg is None else "build: " + _first_line(b.error_msg) for b in built]
+            for (j, _), fut in zip(ok, futures):
+                res = fut.result()
+                if res.error_msg is None and res.run_secs:
+                    times[j] = statistics.median(float(getattr(t, "value", t)) for t in res.run_secs)
+                else:
+                    why[j] = "run: " + _first_line(res.error_msg or "no run time reported")
+            for _, b in ok:  # MetaSchedule's tuning loop removes its artifacts; this loop must too
+                ms.utils.remove_build_dir(b.artifact_path)
+            out += times
+            if errors is not None:
+                errors += why
+            if on_done is not None:
+                on_done(len(part))
+    finally:
+        builder.close()
     return out
 
 
