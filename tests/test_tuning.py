@@ -389,6 +389,22 @@ def _tiled_trace(mod, block: str = "matmul"):
     return sch.trace
 
 
+def test_padding_to_the_anchor_tile_keeps_its_inner_tiles():
+    """"padtile": each token axis padded to a multiple of its anchor tile's inner product (rows 2x2x4 =
+    16: 20 -> 32; the reduction's inner 4 divides 20: not padded), so the replay changes only outer loops."""
+    import tvm
+
+    target = tvm.target.Target({"kind": "llvm", "num-cores": 1})
+    src, dst = _token_matmul(16), _token_matmul(20)
+    trace = _tiled_trace(src)
+    assert tuning._anchor_tile_pads(trace, src, dst) == [1, 16, 1, 1]
+    assert tuning._anchor_tile_pads(trace, src, _token_matmul(32)) is None  # the tiles fit: nothing to pad
+    sch = tuning.candidates({"matmul": (trace, src)}, dst, target)["padtile:divisors"]
+    assert tuning.verify(dst, sch)
+    text = str(sch.trace)  # changed tile samples are replayed as constant split factors
+    assert "factors=[2, 2, 2, 4]" in text and "factors=[5, 4]" in text, text  # rows: only the outer factor grew
+
+
 def test_retune_a_softmax_no_re_fit_brings_close_to_its_anchor():
     import tvm
     from tvm import te, topi

@@ -117,9 +117,7 @@ REFITS = {
 # against 0.53 ms tuned at 192. Padded to 208 first, the anchor's tiles fit and it runs in 0.50 ms.
 # Zeros leave a sum of products exact, so only matmul blocks are padded (zeros would change a max).
 PADS = (8, 16)
-# Versions: 2 padded; 3 unwritten outputs caught; 4 anchor-tile padding, later dropped (in two cold runs
-# it won 1 of its 190 candidates, by 3%, and cost a ninth of the transfer's time). Older ones are redone.
-TRANSFER_VERSION = 4
+TRANSFER_VERSION = 4  # 2: padded; 3: unwritten outputs caught; 4: anchor-tile padding. Older ones are redone
 PADDED_BLOCK = "matmul"
 # A task with no matmul block (the softmax) cannot be padded, and its tuned reduction is split for a
 # parallel reduction (rfactor), which only perfect tiles allow: at N=197 its best re-fit ran 0.40-0.41 ms
@@ -159,6 +157,33 @@ def _token_pads(src_mod, dst_mod, multiple: int) -> list[int] | None:
         return None
     pads = [multiple if a != b and b % multiple else 1 for a, b in zip(old, new)]
     return pads if len(old) == len(new) and any(p > 1 for p in pads) else None
+
+
+def _anchor_tile_pads(trace, src_mod, dst_mod) -> list[int] | None:
+    """pad_einsum factors that keep the anchor's inner tiles of every token axis as they are: each axis
+    padded to a multiple of the product of its inner tile factors, so only the outer loop changes.
+    Padding to 8 or 16 instead re-factors the inner tiles, and LLVM then scalarized DeiT-T's QKV matmul
+    at N=197 (4.0 ms padded to 200, 0.26 ms tuned at 192; 0.30 ms padded to 204 = 17 x its 12-row tile).
+    The matmul's tile samples come first in its trace, in its axis order; None when that does not hold
+    or nothing needs padding."""
+    try:
+        old, new = _einsum_extents(src_mod), _einsum_extents(dst_mod)
+    except Exception:
+        return None
+    if len(old) != len(new):
+        return None
+    # axes of extent 1 may have no sample; the others are sampled in the block's axis order
+    samples = [(i, e) for i, e in zip([i for i in trace.insts if i.kind.name == "SamplePerfectTile"],
+                                      _tile_extents(trace, src_mod)) if e > 1]
+    axes = [j for j, e in enumerate(old) if e > 1]
+    if len(samples) < len(axes) or [e for _, e in samples[:len(axes)]] != [old[j] for j in axes]:
+        return None
+    pads = [1] * len(old)
+    for j, (sample, _) in zip(axes, samples):
+        inner = math.prod(int(v) for v in trace.decisions[sample][1:])
+        if old[j] != new[j] and new[j] % inner:
+            pads[j] = inner
+    return pads if any(p > 1 for p in pads) else None
 
 
 def _postprocessed(sch, target) -> bool:
@@ -271,6 +296,7 @@ def candidates(sources: dict, dst_mod, target=None) -> dict:
             lambda inst, inputs, attrs, d: refit_tile(next(it, 1), [int(v) for v in d])
             if inst.kind.name == "SamplePerfectTile" else d)
         padded_ways = {f"pad{m}": _token_pads(src_mod, dst_mod, m) for m in PADS}
+        padded_ways["padtile"] = _anchor_tile_pads(trace, src_mod, dst_mod)
         for way, pads in padded_ways.items() if target is not None else ():
             if pads:
                 padded = Schedule(dst_mod)
