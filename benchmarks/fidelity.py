@@ -11,6 +11,11 @@ other people's jobs, and the shares mean little without it.
     python benchmarks/fidelity.py --engine onnxruntime --configs 20
     python benchmarks/fidelity.py --engine tvm --configs 8 --grid 17,49,81,113,145,177,197 --repeats 7
     python benchmarks/fidelity.py --engine tvm --trials 16 ...   # tuned (uses/extends the workdir's tuning DB)
+
+With --remeasure, the table is then measured again (new samples in their own file; the first ones are
+kept) and both validations run again against it at once: with tuned TVM, validating first tunes and
+compiles every whole model (40+ minutes), so the first table and the end-to-end figures are an hour
+apart on a host whose speed drifts; the second pass reuses every compiled model and takes minutes.
 """
 
 from __future__ import annotations
@@ -40,6 +45,35 @@ def write_cfg(path: Path, engine: str, threads: int, repeats: int, trials: int) 
     return path
 
 
+def evaluate(args, device, lut, res, table, threads, loads, tag: str = "") -> None:
+    """Calibrate and validate against `lut` with each statistic; print the shares."""
+    from latprof.predict import overhead_path
+    from latprof.validate import format_validation, validate
+
+    wd = args.workdir.resolve()
+    for stat in args.stats.split(","):
+        if overhead_path(lut).exists():
+            overhead_path(lut).unlink()
+        t1 = time.time()
+        cal = validate(device, args.model, lut, configs=args.cal_configs, seed=1, workdir=wd, calibrate=True, stat=stat,
+                       plot=wd / f"calibration{tag}-{stat}.png", progress=False, echo=lambda *a: None)
+        loads.append(os.getloadavg()[0])
+        val = validate(device, args.model, lut, configs=args.configs, seed=0, workdir=wd, stat=stat,
+                       plot=wd / f"validation{tag}-{stat}.png", progress=False, echo=lambda *a: None)
+        loads.append(os.getloadavg()[0])
+        oh = cal.overhead
+        print(f"\n== statistic {stat}: calibration ({args.cal_configs} schedules, seed 1) per-call cost "
+              f"{oh.per_call_ms * 1e3:.1f} us, scale {oh.scale:.3f} (±{oh.spread:.3f}); {time.time() - t1:.0f} s")
+        print(format_validation(val))
+        errs_raw = [c.sum_ms / c.measured_ms - 1 for c in val.configs]
+        print(f"FIDELITY engine={res.engine} tuning={table.provenance.get('tuning')} threads={threads} stat={stat} "
+              f"K={len(val.configs)}: calibrated {val.within(0.05):.0%} within ±5%, {val.within(0.10):.0%} within ±10%; "
+              f"plain sum {val.within(0.05, raw=True):.0%} / {val.within(0.10, raw=True):.0%} "
+              f"(plain-sum median error {statistics.median(errs_raw):+.1%}); drift-corrected: calibrated "
+              f"{val.within(0.05, drift=True):.0%} / {val.within(0.10, drift=True):.0%}; plot {wd / f'validation{tag}-{stat}.png'}",
+              flush=True)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--engine", choices=["onnxruntime", "tvm"], default="onnxruntime")
@@ -55,12 +89,12 @@ def main(argv=None) -> int:
                     "default: the --device config's, 0 for the generated one)")
     ap.add_argument("--workdir", type=Path, default=Path("latprof-work-fidelity"))
     ap.add_argument("--stats", default="median,min", help="sample statistics to evaluate (the measurements are shared)")
+    ap.add_argument("--remeasure", action="store_true", help="then measure the table again and validate against it "
+                    "at once (the table and the end-to-end figures minutes apart)")
     args = ap.parse_args(argv)
 
     from latprof.lut.build import build_and_write
     from latprof.measure.runner import measure
-    from latprof.predict import overhead_path
-    from latprof.validate import format_validation, validate
 
     wd = args.workdir.resolve()
     wd.mkdir(parents=True, exist_ok=True)
@@ -83,27 +117,17 @@ def main(argv=None) -> int:
     print(f"engine {res.engine} ({table.provenance.get('tuning')}), {threads} thread(s), grid {args.grid}, "
           f"{repeats} repeats, model {args.model}; table {t1 - t0:.0f} s; reference drift during the table "
           f"{table.provenance.get('reference_drift') or 0:.1%}", flush=True)
-    for stat in args.stats.split(","):
-        if overhead_path(lut).exists():
-            overhead_path(lut).unlink()
+    evaluate(args, device, lut, res, table, threads, loads)
+    if args.remeasure:  # the same compiled graphs, measured again now, next to the end-to-end runs below
         t1 = time.time()
-        cal = validate(device, args.model, lut, configs=args.cal_configs, seed=1, workdir=wd, calibrate=True, stat=stat,
-                       plot=wd / f"calibration-{stat}.png", progress=False, echo=lambda *a: None)
-        loads.append(os.getloadavg()[0])
-        val = validate(device, args.model, lut, configs=args.configs, seed=0, workdir=wd, stat=stat,
-                       plot=wd / f"validation-{stat}.png", progress=False, echo=lambda *a: None)
-        loads.append(os.getloadavg()[0])
-        oh = cal.overhead
-        print(f"\n== statistic {stat}: calibration ({args.cal_configs} schedules, seed 1) per-call cost "
-              f"{oh.per_call_ms * 1e3:.1f} us, scale {oh.scale:.3f} (±{oh.spread:.3f}); {time.time() - t1:.0f} s")
-        print(format_validation(val))
-        errs_raw = [c.sum_ms / c.measured_ms - 1 for c in val.configs]
-        print(f"FIDELITY engine={res.engine} tuning={table.provenance.get('tuning')} threads={threads} stat={stat} "
-              f"K={len(val.configs)}: calibrated {val.within(0.05):.0%} within ±5%, {val.within(0.10):.0%} within ±10%; "
-              f"plain sum {val.within(0.05, raw=True):.0%} / {val.within(0.10, raw=True):.0%} "
-              f"(plain-sum median error {statistics.median(errs_raw):+.1%}); drift-corrected: calibrated "
-              f"{val.within(0.05, drift=True):.0%} / {val.within(0.10, drift=True):.0%}; plot {wd / f'validation-{stat}.png'}",
-              flush=True)
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        res = measure(device, args.model, grid, workdir=wd, progress=False, store=wd / "samples" / f"{res.device}-{stamp}.jsonl",
+                      trials=args.trials if args.engine == "tvm" else None, echo=lambda *a: print(*a, file=sys.stderr))
+        lut = wd / "luts" / f"{res.device}-{stamp}.csv"
+        table = build_and_write(res.store, lut, engine=res.engine)
+        print(f"\n== table measured again ({time.time() - t1:.0f} s, reference drift during it "
+              f"{table.provenance.get('reference_drift') or 0:.1%}), validated against at once: {lut}", flush=True)
+        evaluate(args, device, lut, res, table, threads, loads, tag="-again")
     print(f"1-min load average {min(loads):.1f}..{max(loads):.1f} on {os.cpu_count()} cores during the run")
     return 0
 
