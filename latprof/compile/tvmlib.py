@@ -230,6 +230,7 @@ def _build_and_export(mod, target, cross_compiler):
 # Builds a worker process serves before it is replaced: LocalBuilder replaces its workers at every call
 # for "a known memory leak issue with the PopenPool workers after a couple times of usage".
 WORKER_USES = 256
+BUILD_TIMEOUT_S = 60
 
 
 def candidate_builder(cross_compiler: str | None = None):
@@ -246,7 +247,7 @@ def candidate_builder(cross_compiler: str | None = None):
     @derived_object
     class PooledBuilder(ms.builder.PyBuilder):
         def __init__(self):
-            self.pool = PopenPoolExecutor(max_workers=os.cpu_count() or 1, timeout=60,
+            self.pool = PopenPoolExecutor(max_workers=os.cpu_count() or 1, timeout=BUILD_TIMEOUT_S,
                                           maximum_process_uses=WORKER_USES)
 
         def build(self, build_inputs):
@@ -257,7 +258,7 @@ def candidate_builder(cross_compiler: str | None = None):
                 if res.status == StatusKind.COMPLETE:
                     results.append(ms.builder.BuilderResult(res.value, None))
                 elif res.status == StatusKind.TIMEOUT:
-                    results.append(ms.builder.BuilderResult(None, "build timed out after 60 s"))
+                    results.append(ms.builder.BuilderResult(None, f"build timed out after {BUILD_TIMEOUT_S} s"))
                 else:
                     results.append(ms.builder.BuilderResult(None, f"build failed: {res.value}"))
             return results
