@@ -119,9 +119,14 @@ def main(argv=None) -> int:
           f"{table.provenance.get('reference_drift') or 0:.1%}", flush=True)
     evaluate(args, device, lut, res, table, threads, loads)
     if args.remeasure:  # the same compiled graphs, measured again now, next to the end-to-end runs below
+        from latprof.measure.runner import table_tokens
+
         t1 = time.time()
         stamp = time.strftime("%Y%m%d-%H%M%S")
-        res = measure(device, args.model, grid, workdir=wd, progress=False, store=wd / "samples" / f"{res.device}-{stamp}.jsonl",
+        # the first table's own token counts (its store may hold more than this run's grid): the same range
+        # gives the same random schedules, so their compiled whole models and tuning are reused
+        counts = table_tokens(get_model(args.model), table.model_frame(args.model))
+        res = measure(device, args.model, counts, workdir=wd, progress=False, store=wd / "samples" / f"{res.device}-{stamp}.jsonl",
                       trials=args.trials if args.engine == "tvm" else None, echo=lambda *a: print(*a, file=sys.stderr))
         lut = wd / "luts" / f"{res.device}-{stamp}.csv"
         table = build_and_write(res.store, lut, engine=res.engine)

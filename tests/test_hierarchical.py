@@ -6,7 +6,7 @@ import torch
 
 from latprof.errors import UsageError
 from latprof.lut.build import build_and_write
-from latprof.measure.runner import default_grid, measure, parse_tokens, store_path, unit_grid
+from latprof.measure.runner import default_grid, measure, parse_tokens, store_path, table_tokens, unit_grid
 from latprof.models import get_model, list_models
 from latprof.predict import model_macs, parse_keep, parse_tokens as parse_block_tokens, predict, unit_tokens
 from tests.conftest import write_config
@@ -147,6 +147,18 @@ def test_default_grids_scale_with_each_units_range():
         parse_tokens("100,730", spec)
 
 
+
+
+def test_table_tokens_remeasure_each_shared_graphs_own_counts():
+    import pandas as pd
+
+    spec = get_model("pit_s")
+    frame = pd.DataFrame({"unit": ["blocks.0", "blocks.1", "blocks.8", "head"], "tokens": [730, 10, 50, 1]})
+    counts = table_tokens(spec, frame)
+    # blocks.0 and blocks.1 share the stage-1 graph: their counts join; a unit the table lacks gets none
+    assert counts(spec.unit("blocks.0")) == [10, 730] == counts(spec.unit("blocks.1"))
+    assert counts(spec.unit("blocks.8")) == [50] and counts(spec.unit("head")) == [1]
+    assert counts(spec.unit("blocks.4")) == []
 
 
 def test_static_pit_pruned_tokens_bypass_the_rest_of_their_stage(one_torch_thread):

@@ -349,16 +349,21 @@ def remeasure_like(baseline, device: str | DeviceConfig, model: str, units: list
     workdir = Path(workdir or default_workdir())
     stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%S%f")
     store = workdir / "samples" / f"check-{cfg.name}-{stamp}.jsonl"
-    spec = get_model(model)
-    counts: dict[str, set] = {}  # per shared graph: the baseline's token counts (hierarchical units differ)
-    for unit, n in zip(frame["unit"], frame["tokens"]):
-        counts.setdefault(spec.unit(unit).shared, set()).add(int(n))
-    measure(cfg, model, lambda u: sorted(counts.get(u.shared, ())), engine, workdir, trials, progress,
+    measure(cfg, model, table_tokens(get_model(model), frame), engine, workdir, trials, progress,
             units=sorted(set(frame["unit"])), store=store, echo=lambda *a, **k: None)
     table = build_lut(store, engine=engine, drift_correction=False)  # compared as measured (check's statistics)
     keep = table.frame.merge(frame[["unit", "tokens"]], on=["unit", "tokens"])
     table.frame = keep.reset_index(drop=True)
     return table
+
+
+def table_tokens(spec: ModelSpec, frame) -> Callable:
+    """`tokens` for `measure` that re-measures exactly the token counts a table's rows have, per shared
+    graph (a table built from a store that other runs added to can cover more than any one grid)."""
+    counts: dict[str, set] = {}
+    for unit, n in zip(frame["unit"], frame["tokens"]):
+        counts.setdefault(spec.unit(unit).shared, set()).add(int(n))
+    return lambda u: sorted(counts.get(u.shared, ()))
 
 
 def _median(xs: list[float]) -> float:
