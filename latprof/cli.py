@@ -87,7 +87,8 @@ def devices_check(device):
 @main.command()
 @click.option("--device", required=True, help="Shipped device name or path to a YAML config.")
 @click.option("--model", required=True, help="Model name (see `latprof models`).")
-@click.option("--tokens", default=None, help="Comma-separated token counts N (default: a grid over each unit's range, 1..197 for DeiT).")
+@click.option("--tokens", default=None, help="Token counts N: comma-separated counts or ranges, A-B every count, A-B:S every S-th and B "
+              "(default: a grid over each unit's range, 1..197 for DeiT).")
 @click.option("--engine", type=click.Choice(["tvm", "onnxruntime"]), default=None, help="Default: the config's engine.")
 @click.option("--trials", type=int, default=None, help="MetaSchedule trials per task (default: the config's).")
 @click.option("--lut", "lut_out", type=click.Path(path_type=Path), default=None,

@@ -147,6 +147,17 @@ def test_default_grids_scale_with_each_units_range():
         parse_tokens("100,730", spec)
 
 
+def test_token_ranges_give_dense_grids():
+    spec = get_model("deit_t")
+    assert parse_tokens("1-5", spec) == [1, 2, 3, 4, 5]
+    # every S-th count, and the range's top always (the dense model must be in the table)
+    assert parse_tokens("1-197:50,100", spec) == [1, 51, 100, 101, 151, 197]
+    assert parse_tokens("190-197:2", spec) == [190, 192, 194, 196, 197]
+    for bad in ("9-3", "1-9:0", "5:2", "1-x", "1-198"):
+        with pytest.raises(UsageError):
+            parse_tokens(bad, spec)
+
+
 
 
 def test_table_tokens_remeasure_each_shared_graphs_own_counts():

@@ -57,13 +57,15 @@ def unit_grid(spec: ModelSpec, unit, tokens) -> list[int]:
 
 
 def parse_tokens(text: str | None, spec: ModelSpec) -> list[int] | None:
-    """--tokens as a sorted list, or None for every unit's default grid."""
+    """--tokens as a sorted list, or None for every unit's default grid. Items are counts or ranges:
+    `A-B` is every count from A to B, `A-B:S` every S-th (a dense table: latency is not smooth in N)."""
     if not text:
         return None
     try:
-        values = sorted({int(v) for v in text.split(",") if v.strip()})
+        values = sorted({n for item in text.split(",") if item.strip() for n in _token_item(item.strip())})
     except ValueError:
-        raise UsageError(f"bad token counts '{text}'", "give comma-separated integers, e.g. --tokens 197,150,99") from None
+        raise UsageError(f"bad token counts '{text}'",
+                         "give comma-separated counts or ranges, e.g. --tokens 197,150,99 or --tokens 1-197:2") from None
     if not values or values[0] < 1 or values[-1] > spec.max_tokens:
         raise UsageError(f"token counts {values} must lie within 1..{spec.max_tokens} for {spec.name}",
                          f"N counts the class token too, so {spec.max_tokens} is the dense model")
@@ -72,6 +74,19 @@ def parse_tokens(text: str | None, spec: ModelSpec) -> list[int] | None:
             raise UsageError(f"none of the token counts {values} fits {spec.name}/{u.name}, which sees 1..{spec.unit_max(u)}",
                              f"add a count of at most {spec.unit_max(u)} to --tokens")
     return values
+
+
+def _token_item(item: str) -> range:
+    span, _, step = item.partition(":")
+    lo, dash, hi = span.partition("-")
+    if not dash:
+        if step:
+            raise ValueError(item)
+        return range(int(lo), int(lo) + 1)
+    lo, hi, step = int(lo), int(hi), int(step or 1)
+    if lo > hi or step < 1:
+        raise ValueError(item)
+    return range(lo, hi + 1, step) if (hi - lo) % step == 0 else [*range(lo, hi + 1, step), hi]
 
 
 @dataclass
