@@ -287,6 +287,7 @@ class UnitPrediction:
     q3_ms: float
     macs: int
     graph: str          # the measured graph at the nearest measured N (shared error group)
+    measured: bool = True  # N is a measured count (False: interpolated between two)
 
 
 @dataclass
@@ -344,7 +345,8 @@ def predict(table, model: str, schedule: TokenSchedule, overhead: Overhead | Non
                                f"measure that count (latprof measure --tokens ...,{n}) or keep more tokens")
             vals = tuple(float(np.interp(n, tokens, ys)) for ys in (med, lo_c, hi_c, q1, q3))
             g = graphs[int(np.argmin(np.abs(tokens - n)))]
-        out.append(UnitPrediction(unit, int(n), *[float(v) for v in vals], macs=unit_macs(spec, unit, n), graph=str(g)))
+        out.append(UnitPrediction(unit, int(n), *[float(v) for v in vals], macs=unit_macs(spec, unit, n), graph=str(g),
+                                  measured=table.kind(model, unit) == "fixed" or int(n) in set(tokens.tolist())))
     total = sum(u.median_ms for u in out)
     # CI: linear within a (graph, N) group, quadrature across groups
     groups: dict[tuple, list[float]] = {}
@@ -378,6 +380,9 @@ def format_prediction(p: Prediction, breakdown: bool = True) -> str:
     if breakdown:
         lines.append(f"  {'unit':12s} {'N':>4s} {'median ms':>10s} {'95% CI':>19s} {'share':>6s} {'MMACs':>9s}")
         for u in p.units:
-            lines.append(f"  {u.unit:12s} {u.tokens:4d} {u.median_ms:10.4f} {u.ci_low_ms:9.4f}..{u.ci_high_ms:<8.4f} "
-                         f"{u.median_ms / p.sum_ms:6.1%} {u.macs / 1e6:9.2f}")
+            lines.append(f"  {u.unit:12s} {u.tokens:4d}{' ' if u.measured else '*'}{u.median_ms:10.4f} "
+                         f"{u.ci_low_ms:9.4f}..{u.ci_high_ms:<8.4f} {u.median_ms / p.sum_ms:6.1%} {u.macs / 1e6:9.2f}")
+        if not all(u.measured for u in p.units):
+            lines.append("  * interpolated between measured counts (tuned TVM is not linear in N: measure the counts "
+                         "you use, e.g. --tokens 1-197)")
     return "\n".join(lines)

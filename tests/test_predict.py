@@ -1,6 +1,7 @@
 """Prediction math on small synthetic tables: sum, interpolation, uncertainty, MACs, parsing, errors."""
 
 import math
+import re
 
 import numpy as np
 import pytest
@@ -9,8 +10,8 @@ from click.testing import CliRunner
 from latprof.errors import LutError, UsageError
 from latprof.lut.table import read_lut, write_lut
 from latprof.models import get_model
-from latprof.predict import (Overhead, model_macs, overhead_path, parse_keep, parse_tokens, predict, read_overhead,
-                             unit_macs, unit_tokens, write_overhead)
+from latprof.predict import (Overhead, format_prediction, model_macs, overhead_path, parse_keep, parse_tokens,
+                             predict, read_overhead, unit_macs, unit_tokens, write_overhead)
 from latprof.schedule import TokenSchedule
 from latprof.train.synthetic import synthetic_table
 
@@ -76,6 +77,11 @@ def test_interpolation_is_linear_between_measured_counts():
     assert b.tokens == 120 and b.median_ms == pytest.approx(chord)
     assert b.median_ms > 120 ** 2 / 1e4  # the chord lies above a convex curve
     assert b.q1_ms == pytest.approx(chord * 0.9) and b.q3_ms == pytest.approx(chord * 1.1)
+    # interpolated entries are marked as such; measured counts and fixed units are not
+    marks = {u.unit: u.measured for u in p.units}
+    assert not marks["blocks.5"] and marks["blocks.0"] and marks["patch_embed"]
+    text = format_prediction(p)
+    assert re.search(r"blocks\.5 +120\*", text) and re.search(r"blocks\.0 +197 ", text) and "* interpolated" in text
 
 
 def test_uncertainty_shared_graphs_add_linearly_groups_in_quadrature():

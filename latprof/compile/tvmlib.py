@@ -324,6 +324,19 @@ def benchmark(schedules: list, target, on_done=None, chunk: int = 32, runner=Non
     (default: MetaSchedule's local one, this machine). `on_done(n)` is called as candidates finish.
     `errors`, if given, receives one entry per schedule: None, or why it has no time (build or run
     error, first line)."""
+    out: list[float | None] = []
+    for times, why in benchmark_chunks(schedules, target, chunk, runner, cross_compiler):
+        out += times
+        if errors is not None:
+            errors += why
+        if on_done is not None:
+            on_done(len(times))
+    return out
+
+
+def benchmark_chunks(schedules: list, target, chunk: int = 32, runner=None, cross_compiler: str | None = None):
+    """`benchmark`, chunk by chunk: yields (times, why) for the next `chunk` schedules, so a caller can
+    keep what is timed before the rest has run (a long transfer stopped midway loses one chunk)."""
     import statistics
 
     from tvm.s_tir import meta_schedule as ms
@@ -332,7 +345,6 @@ def benchmark(schedules: list, target, on_done=None, chunk: int = 32, runner=Non
     builder = candidate_builder(cross_compiler)
     runner = runner or ms.runner.LocalRunner(evaluator_config=_evaluator())
     device = "cpu" if target.kind.name == "llvm" else str(target.kind.name)
-    out: list[float | None] = []
     try:
         for i in range(0, len(schedules), chunk):
             part = schedules[i:i + chunk]
@@ -351,14 +363,9 @@ def benchmark(schedules: list, target, on_done=None, chunk: int = 32, runner=Non
                     why[j] = "run: " + _first_line(res.error_msg or "no run time reported")
             for _, b in ok:  # MetaSchedule's tuning loop removes its artifacts; this loop must too
                 ms.utils.remove_build_dir(b.artifact_path)
-            out += times
-            if errors is not None:
-                errors += why
-            if on_done is not None:
-                on_done(len(part))
+            yield times, why
     finally:
         builder.close()
-    return out
 
 
 def _first_line(msg: str) -> str:

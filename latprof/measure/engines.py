@@ -229,33 +229,25 @@ class TVMEngine:
                 if cands:
                     pending[key] = (t, src.tokens, cands, min(sum(map(float, r.run_secs)) for r in recs.values()),
                                     g.tokens, min(float(np.mean([float(x) for x in r.run_secs])) for r in recs.values()))
-        # several candidates are timed on the device; a lone one needs no timing (it keeps the anchor's)
+        # several candidates are timed on the device; a lone one needs no timing (it keeps the anchor's).
+        # Each task is settled and the budget saved as soon as its candidates are timed: a transfer of
+        # thousands of candidates that is stopped midway keeps what it timed
         flat = [(key, label, sch) for key, (_, _, cands, *_) in pending.items() if len(cands) > 1
                 for label, sch in cands.items()]
         timed: dict[str, dict] = {}
         failed: dict[str, dict] = {}  # candidates with no time, and why (kept in budget.json)
-        if flat:
-            bar = progress(total=len(flat), desc=f"transfer {sum(len(p[2]) > 1 for p in pending.values())} tasks",
-                           unit="candidate")
-            errors: list = []
-            times = self.tvmlib.benchmark([sch for _, _, sch in flat], self.target, on_done=bar.update, runner=runner,
-                                          cross_compiler=self.cfg.cross_compiler, errors=errors)
-            bar.close()
-            for (key, label, sch), secs, why in zip(flat, times, errors):
-                if secs is not None:
-                    timed.setdefault(key, {})[label] = (secs, sch)
-                else:
-                    failed.setdefault(key, {})[label] = why
         cache: dict = {}
         retune = []
-        for key, (task, src_tokens, cands, anchor_secs, tokens, anchor_mean) in pending.items():
+
+        def settle(key) -> None:
+            task, src_tokens, cands, anchor_secs, tokens, anchor_mean = pending[key]
             lone = len(cands) == 1
             found = {label: (anchor_secs, sch) for label, sch in cands.items()} if lone else timed.get(key)
             if not found:  # no candidate ran: tried again next time; say why
                 why = next(iter(failed.get(key, {}).values()), "no candidate")
                 print(f"warning: no transfer candidate of {task.task_name} ran ({why}); it is tried again next run",
                       file=sys.stderr)
-                continue
+                return
             # the fastest candidate that computes the right thing (checked on this CPU); if none does,
             # TVM's default schedule stays
             chosen, rejected = None, []
@@ -273,7 +265,29 @@ class TVMEngine:
                       rejected=rejected, **extra)
             if not lone and tuning.needs_retune(task, found[chosen][0] if chosen else None, anchor_mean, src_tokens, tokens):
                 retune.append((key, task))
+
+        for key, (_, _, cands, *_) in pending.items():
+            if len(cands) == 1:
+                settle(key)
         db.save()
+        if flat:
+            last = {key: i for i, (key, _, _) in enumerate(flat)}  # each task's last candidate in `flat`
+            bar = progress(total=len(flat), desc=f"transfer {len(last)} tasks", unit="candidate")
+            seen = 0
+            for times, errors in self.tvmlib.benchmark_chunks([sch for _, _, sch in flat], self.target, runner=runner,
+                                                              cross_compiler=self.cfg.cross_compiler):
+                for (key, label, sch), secs, why in zip(flat[seen:], times, errors):
+                    if secs is not None:
+                        timed.setdefault(key, {})[label] = (secs, sch)
+                    else:
+                        failed.setdefault(key, {})[label] = why
+                for key in dict.fromkeys(k for k, _, _ in flat[seen:seen + len(times)]):
+                    if last[key] < seen + len(times):
+                        settle(key)
+                seen += len(times)
+                db.save()
+                bar.update(len(times))
+            bar.close()
         if retune:  # re-fits that stay far from the anchor's speed (the softmax): a short search of their own
             self._search([t for _, t in retune], tuning.RETUNE_TRIALS, "retune", db, progress, runner, bonus=False)
             for key, _ in retune:  # the best record of each task now serves it
