@@ -76,17 +76,18 @@ def parse_tokens(text: str | None, spec: ModelSpec) -> list[int] | None:
     return values
 
 
-def _token_item(item: str) -> range:
+def _token_item(item: str) -> list[int]:
+    """One --tokens item: `N`, `A-B` or `A-B:S` (B is always included); ValueError if malformed."""
     span, _, step = item.partition(":")
     lo, dash, hi = span.partition("-")
     if not dash:
         if step:
             raise ValueError(item)
-        return range(int(lo), int(lo) + 1)
+        return [int(lo)]
     lo, hi, step = int(lo), int(hi), int(step or 1)
     if lo > hi or step < 1:
         raise ValueError(item)
-    return range(lo, hi + 1, step) if (hi - lo) % step == 0 else [*range(lo, hi + 1, step), hi]
+    return sorted({*range(lo, hi + 1, step), hi})
 
 
 @dataclass
