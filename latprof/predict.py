@@ -338,15 +338,15 @@ def predict(table, model: str, schedule: TokenSchedule, overhead: Overhead | Non
         graphs = rows["graph"].astype(str).to_numpy()
         if table.kind(model, unit) == "fixed":
             vals = (med[0], lo_c[0], hi_c[0], q1[0], q3[0])
-            g = graphs[0]
+            g, measured = graphs[0], True
         else:
             if n < tokens[0] or n > tokens[-1]:
                 raise LutError(f"{model}/{unit}: {n} tokens is outside the table's measured range {tokens[0]}..{tokens[-1]}",
                                f"measure that count (latprof measure --tokens ...,{n}) or keep more tokens")
             vals = tuple(float(np.interp(n, tokens, ys)) for ys in (med, lo_c, hi_c, q1, q3))
-            g = graphs[int(np.argmin(np.abs(tokens - n)))]
+            g, measured = graphs[int(np.argmin(np.abs(tokens - n)))], int(n) in tokens.tolist()
         out.append(UnitPrediction(unit, int(n), *[float(v) for v in vals], macs=unit_macs(spec, unit, n), graph=str(g),
-                                  measured=table.kind(model, unit) == "fixed" or int(n) in set(tokens.tolist())))
+                                  measured=measured))
     total = sum(u.median_ms for u in out)
     # CI: linear within a (graph, N) group, quadrature across groups
     groups: dict[tuple, list[float]] = {}
