@@ -16,6 +16,8 @@ With --remeasure, the table is then measured again (new samples in their own fil
 kept) and both validations run again against it at once: with tuned TVM, validating first tunes and
 compiles every whole model (40+ minutes), so the first table and the end-to-end figures are an hour
 apart on a host whose speed drifts; the second pass reuses every compiled model and takes minutes.
+It also says how well each whole model's end to end repeats its first-pass figure: the ceiling on the
+shares, since a prediction cannot agree with end to end more often than end to end agrees with itself.
 """
 
 from __future__ import annotations

@@ -57,6 +57,7 @@ class ConfigResult:
     ci_high_ms: float
     samples_ms: list[float] = field(repr=False, default_factory=list)
     drift: float | None = None  # reference unit now / in the table (1.0: the machine as when the table was made)
+    recorded: dict = field(repr=False, default_factory=dict)  # its line in the results file
 
     @property
     def error(self) -> float:
@@ -66,6 +67,38 @@ class ConfigResult:
     def corrected_ms(self) -> float:
         """End to end scaled back to the table's machine state by the interleaved reference unit."""
         return self.measured_ms / self.drift if self.drift else self.measured_ms
+
+
+@dataclass
+class Retest:
+    """The same compiled whole model measured end to end again: how far the ground truth itself moves."""
+    kept: list[int]
+    minutes: float              # since the earlier measurement
+    error: float                # now / earlier - 1 (the validation's statistic)
+    drift_error: float | None   # the same with each divided by the reference unit measured beside it
+
+
+def retests(configs: list[ConfigResult], history: list[dict], stat: str) -> list[Retest]:
+    """Pair each schedule's measurement with the latest earlier one of the same graph, engine and tuning
+    in the results file (another table's validation, a --remeasure pass, an earlier session)."""
+    out = []
+    for c in configs:
+        now = c.recorded
+        if not now:
+            continue
+        key = (now.get("graph"), now.get("tuning"), now.get("engine"))
+        earlier = [r for r in history if (r.get("graph"), r.get("tuning"), r.get("engine")) == key
+                   and r.get("time", "") < now.get("time", "")]
+        if not earlier:
+            continue
+        then = max(earlier, key=lambda r: r["time"])
+        ratio = sample_stat(now["samples_ms"], stat) / sample_stat(then["samples_ms"], stat)
+        drift = None
+        if now.get("ref_samples_ms") and then.get("ref_samples_ms"):
+            drift = ratio / (sample_stat(now["ref_samples_ms"], stat) / sample_stat(then["ref_samples_ms"], stat)) - 1
+        gap = _dt.datetime.fromisoformat(now["time"]) - _dt.datetime.fromisoformat(then["time"])
+        out.append(Retest(list(c.kept), gap.total_seconds() / 60, ratio - 1, drift))
+    return out
 
 
 @dataclass
@@ -80,6 +113,7 @@ class ValidationResult:
     plot_path: Path | None = None
     per_call_ms: float | None = None
     statistic: str = "median"
+    retest: list[Retest] = field(default_factory=list)
 
     def within(self, tol: float, raw: bool = False, drift: bool = False) -> float:
         """Share of schedules predicted within ±tol: `raw` compares the plain sum of units, `drift`
@@ -295,13 +329,14 @@ def validate(device, model: str, lut, configs: int = 20, seed: int = 0, workdir=
     schedules = random_schedules(table, spec, configs, seed)
     rpath = results_path(workdir, cfg.name, model, eng.name)
     tid = _table_id(measured_table)
-    done = {}
+    done, history = {}, []
     if rpath.exists():
         for line in rpath.read_text().splitlines():
             try:
                 r = json.loads(line)
             except json.JSONDecodeError:
                 continue  # a line cut by a crash
+            history.append(r)
             if r.get("table") == tid and r.get("tuning") == tuning:
                 done[tuple(r["kept"])] = r
     todo = [s for s in schedules if tuple(s.kept) not in done]
@@ -363,7 +398,7 @@ def validate(device, model: str, lut, configs: int = 20, seed: int = 0, workdir=
         q = statistics.quantiles(xs, n=4) if len(xs) > 1 else [xs[0]] * 3
         drift = (sample_stat(rec["ref_samples_ms"], stat) / ref_table_ms) if rec.get("ref_samples_ms") else None
         results.append(ConfigResult(i, list(s.kept), s.block_tokens(), p.sum_ms, p.total_ms, sample_stat(xs, stat),
-                                    q[0], q[2], p.ci_low_ms, p.ci_high_ms, xs, drift))
+                                    q[0], q[2], p.ci_low_ms, p.ci_high_ms, xs, drift, rec))
     if calibrate:
         calls = len(unit_tokens(spec, schedules[0]))
         if per_call is None:
@@ -379,7 +414,7 @@ def validate(device, model: str, lut, configs: int = 20, seed: int = 0, workdir=
         for c in results:  # in-sample: what the new sidecar predicts for the calibration schedules
             c.predicted_ms = overhead.apply(c.sum_ms, calls)
     out = ValidationResult(cfg.name, model, eng.name, tuning, results, overhead, rpath, per_call_ms=per_call,
-                           statistic=stat)
+                           statistic=stat, retest=retests(results, history, stat))
     if plot:
         from latprof.plot import plot_validation
 
@@ -415,4 +450,24 @@ def format_validation(v: ValidationResult) -> str:
         lines.append(f"overhead model: scale {oh.scale:.3f} (±{oh.spread:.3f}), {oh.per_call_ms * 1e3:.1f} us per engine call "
                      f"(from {oh.n_configs} calibration schedules, statistic {oh.statistic}); plain sum of units: "
                      f"{v.within(0.05, raw=True):.0%} within ±5%, {v.within(0.10, raw=True):.0%} within ±10%")
+    if v.retest:
+        lines.append(format_retest(v.retest))
     return "\n".join(lines)
+
+
+def _share(errs: list[float], tol: float) -> float:
+    return sum(abs(e) <= tol for e in errs) / len(errs)
+
+
+def format_retest(rs: list[Retest]) -> str:
+    """The ceiling on every share above: a prediction cannot agree with end to end more often than two
+    end-to-end measurements of one compiled model agree with each other."""
+    errs = [r.error for r in rs]
+    gaps = sorted(r.minutes for r in rs)
+    line = (f"repeatability: {len(rs)} of these compiled models were measured end to end before "
+            f"({gaps[0]:.0f}-{gaps[-1]:.0f} min earlier); now against then: {_share(errs, 0.05):.0%} within ±5%, "
+            f"{_share(errs, 0.10):.0%} within ±10%, median |change| {statistics.median(abs(e) for e in errs):.1%}")
+    drift = [r.drift_error for r in rs if r.drift_error is not None]
+    if len(drift) == len(rs):
+        line += f"; each divided by its reference unit: {_share(drift, 0.05):.0%} within ±5%"
+    return line

@@ -78,6 +78,7 @@ def test_end_to_end_validation_onnxruntime(workdir, tmp_path):
     again = validate(str(cfg), "deit_t", lut, configs=3, seed=0, progress=False, echo=lambda *a: None)
     assert len(v.results_path.read_text().splitlines()) == 3
     assert [c.measured_ms for c in again.configs] == [c.measured_ms for c in v.configs]
+    assert again.retest == []  # a resumed record is not a second measurement of itself
 
     # calibration writes the sidecar that predictions then use
     cal = validate(str(cfg), "deit_t", lut, configs=2, seed=1, calibrate=True, progress=False, echo=lambda *a: None,
@@ -118,3 +119,29 @@ def test_validate_errors_are_one_line(workdir, tmp_path, extra, msg):
     assert out.exit_code == 2, out.output
     assert msg in out.output and "Traceback" not in out.output
     assert len([l for l in out.output.strip().splitlines() if l.startswith("error")]) == 1
+
+
+def test_retest_pairs_each_model_with_its_latest_earlier_measurement():
+    """Repeatability: the same graph (engine, tuning) measured before, under any table."""
+    from latprof.validate import ConfigResult, Retest, format_retest, retests
+
+    def rec(graph, time, ms, ref_ms, tuning="metaschedule:16"):
+        return {"graph": graph, "tuning": tuning, "engine": "tvm", "time": f"2026-11-24T{time}:00+00:00",
+                "samples_ms": [ms, ms * 1.1, ms * 1.2], "ref_samples_ms": [ref_ms] * 3}
+
+    now_a, now_b = rec("a", "10:30", 10.4, 2.08), rec("b", "10:31", 5.0, 2.0)
+    history = [rec("a", "09:00", 8.0, 1.0), rec("a", "10:00", 10.0, 2.0), now_a,  # latest earlier: 10:00
+               rec("a", "10:10", 1.0, 1.0, tuning="untuned"),                       # another compiled model
+               rec("c", "10:20", 5.0, 2.0)]                                          # another graph
+    cs = [ConfigResult(0, [150], [], 0, 0, 0, 0, 0, 0, 0, recorded=now_a),
+          ConfigResult(1, [120], [], 0, 0, 0, 0, 0, 0, 0, recorded=now_b)]  # b: never measured before
+    (r,) = retests(cs, history, "min")
+    assert r.kept == [150] and r.minutes == pytest.approx(30)
+    assert r.error == pytest.approx(0.04) and r.drift_error == pytest.approx(0.0)  # the machine was 4% slower
+    (m,) = retests(cs, history, "median")
+    assert m.error == pytest.approx(0.04)
+    far = Retest([99], 300.0, -0.08, None)
+    line = format_retest([r, far])
+    assert "2 of these compiled models" in line and "(30-300 min earlier)" in line
+    assert "50% within ±5%, 100% within ±10%" in line and "reference unit" not in line  # one pair has no reference
+    assert "reference unit: 100% within ±5%" in format_retest([r])
