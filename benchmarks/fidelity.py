@@ -17,7 +17,8 @@ kept) and both validations run again against it at once: with tuned TVM, validat
 compiles every whole model (40+ minutes), so the first table and the end-to-end figures are an hour
 apart on a host whose speed drifts; the second pass reuses every compiled model and takes minutes.
 It also says how well each whole model's end to end repeats its first-pass figure: the ceiling on the
-shares, since a prediction cannot agree with end to end more often than end to end agrees with itself.
+shares, since a table from one moment cannot be expected to predict end to end at another better than
+end to end repeats itself.
 """
 
 from __future__ import annotations

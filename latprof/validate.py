@@ -460,8 +460,8 @@ def _share(errs: list[float], tol: float) -> float:
 
 
 def format_retest(rs: list[Retest]) -> str:
-    """The ceiling on every share above: a prediction cannot agree with end to end more often than two
-    end-to-end measurements of one compiled model agree with each other."""
+    """A ceiling on the shares above: a table measured at one moment cannot be expected to predict the
+    end to end at another better than two end-to-end measurements of one compiled model agree."""
     errs = [r.error for r in rs]
     gaps = sorted(r.minutes for r in rs)
     line = (f"repeatability: {len(rs)} of these compiled models were measured end to end before "
