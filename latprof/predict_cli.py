@@ -45,8 +45,13 @@ def predict(lut, model, keep, tokens, engine, no_overhead, brief, stat):
 
 @click.command()
 @click.option("--device", required=True, help="Shipped device name or path to a YAML config.")
-@click.option("--model", required=True)
-@click.option("--lut", "lut", required=True, type=click.Path(path_type=Path))
+@click.option("--model", default=None, help="Model name (see `latprof models`); with --onnx, the export's.")
+@click.option("--lut", "lut", default=None, type=click.Path(path_type=Path),
+              help="Lookup table; with --onnx, default: the one the model was trained with.")
+@click.option("--onnx", "onnx_path", default=None, type=click.Path(path_type=Path),
+              help="A trained model from `latprof export`: time it against its budget and the table's prediction "
+                   "(exit 1 when over budget).")
+@click.option("--budget", default=None, help="With --onnx: the budget to compare with (default: the one it was trained for).")
 @click.option("--configs", type=int, default=20, show_default=True, help="Random token schedules to validate.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--calibrate", is_flag=True,
@@ -58,12 +63,20 @@ def predict(lut, model, keep, tokens, engine, no_overhead, brief, stat):
 @click.option("--workdir", type=click.Path(path_type=Path), default=None,
               help="The workdir the table was measured with (shares the tuning database).")
 @click.option("--quiet", "-q", is_flag=True)
-def validate(device, model, lut, configs, seed, calibrate, stat, no_overhead, plot_out, workdir, quiet):
-    """Build, compile and measure the whole pruned MODEL for random schedules; compare with the table."""
+def validate(device, model, lut, onnx_path, budget, configs, seed, calibrate, stat, no_overhead, plot_out, workdir,
+             quiet):
+    """Build, compile and measure the whole pruned MODEL for random schedules; compare with the table.
+    With --onnx, time one trained, exported model against its budget instead."""
     from latprof.measure.runner import default_workdir
     from latprof.validate import format_validation, validate as run
 
     wd = Path(workdir or default_workdir())
+    if onnx_path is not None:
+        _validate_export(device, onnx_path, lut, budget, stat, no_overhead, wd, quiet, model)
+        return
+    if model is None or lut is None:
+        raise UsageError("validate needs --model and --lut", "e.g. --model deit_t --lut luts/local.csv "
+                         "(or --onnx FILE for a trained model)")
     out = plot_out or wd / "validate" / f"{Path(device).stem}-{model}{'-calibration' if calibrate else ''}.png"
     try:
         import matplotlib  # noqa: F401
@@ -78,6 +91,22 @@ def validate(device, model, lut, configs, seed, calibrate, stat, no_overhead, pl
 
         click.echo(f"calibration written to {overhead_path(lut)} (in-sample figures above; validate with another --seed)")
     click.echo(f"results in {result.results_path}" + (f", plot {result.plot_path}" if result.plot_path else ""))
+
+
+def _validate_export(device, onnx_path, lut, budget, stat, no_overhead, wd, quiet, model):
+    from latprof.deployed import format_deployed, measure_export
+    from latprof.train.cli import parse_budget
+    from latprof.train.export import read_export
+
+    exported = read_export(onnx_path)["model"]
+    if model is not None and model != exported:
+        raise UsageError(f"--model {model}, but {onnx_path} is a trained {exported}", "leave --model out with --onnx")
+    r = measure_export(device, onnx_path, lut, None if budget is None else parse_budget(budget), workdir=wd, stat=stat,
+                       progress=not quiet, echo=click.echo, use_overhead=not no_overhead)
+    click.echo(format_deployed(r))
+    click.echo(f"samples in {r.results_path}")
+    if r.over_budget:
+        click.get_current_context().exit(1)
 
 
 @click.command()

@@ -285,6 +285,20 @@ def _prepare(eng, spec, graphs, workdir: Path, bars, schedules, session=None) ->
     return eng.prepare(graphs, bars, session=session)
 
 
+# -- the drift reference -------------------------------------------------------------------------------
+def reference_unit(spec, table) -> tuple[str, int, float]:
+    """The unit re-measured beside every whole model (the first block, dense): name, N, table figure."""
+    u = spec.unit("blocks.0")
+    return u.name, spec.unit_max(u), table.latency_ms(spec.name, u.name, spec.unit_max(u))
+
+
+def reference_graph(spec, workdir: Path, bars):
+    from latprof.measure.runner import export_graphs
+
+    u = spec.unit("blocks.0")
+    return next(g for g in export_graphs(spec, [spec.unit_max(u)], workdir, bars, {u.shared}) if g.shared == u.shared)
+
+
 # -- validate ------------------------------------------------------------------------------------------
 def results_path(workdir: Path, device: str, model: str, engine: str) -> Path:
     return Path(workdir) / "validate" / f"{device}-{model}-{engine}.jsonl"
@@ -346,9 +360,7 @@ def validate(device, model: str, lut, configs: int = 20, seed: int = 0, workdir=
     per_call = None
     graph_dir = workdir / "graphs"
     probe = _export_probe(int(_dim(spec)), graph_dir, model) if calibrate else None
-    ref_u = spec.unit("blocks.0")  # the drift reference: the first block, dense
-    ref_unit, ref_n = ref_u.name, spec.unit_max(ref_u)
-    ref_table_ms = table.latency_ms(model, ref_unit, ref_n)
+    ref_unit, ref_n, ref_table_ms = reference_unit(spec, table)
     if todo or probe:
         bar = bars(total=len(todo), desc="export whole models", unit="model")
         graphs = {}
@@ -356,9 +368,7 @@ def validate(device, model: str, lut, configs: int = 20, seed: int = 0, workdir=
             graphs[tuple(s.kept)] = _export_model(spec, s.kept, graph_dir)
             bar.update(1)
         bar.close()
-        from latprof.measure.runner import export_graphs
-
-        ref = next(g for g in export_graphs(spec, [ref_n], workdir, bars, {ref_u.shared}) if g.shared == ref_u.shared)
+        ref = reference_graph(spec, workdir, bars)
         rpath.parent.mkdir(parents=True, exist_ok=True)
         session_cm = open_session(cfg) if eng.needs_session else None
         session = session_cm.__enter__() if session_cm else None

@@ -468,6 +468,11 @@ def test_latprof_train_runs_spvit_on_hierarchical_models(model, tmp_path, one_to
     res = CliRunner().invoke(export, ["--checkpoint", str(tmp_path / "decisive.pt"), "--out", str(tmp_path / "m.onnx")],
                              catch_exceptions=False)
     assert res.exit_code == 0 and "onnxruntime max |diff|" in res.output, res.output
+    from latprof.compile import tvmlib
+    from latprof.train.export import read_export
+
+    assert read_export(tmp_path / "m.onnx")["kept"] == list(sched["kept"])
+    tvmlib.import_onnx(tmp_path / "m.onnx")  # shapes folded: TVM's importer needs them static
 
 
 def test_tuning_anchors_follow_each_units_range():

@@ -58,7 +58,7 @@ def unit_count(graph: Graph) -> int:
 def reference_output(graph: Graph, x: np.ndarray) -> np.ndarray:
     ort = require("onnxruntime", "models")
     sess = ort.InferenceSession(str(graph.path), providers=["CPUExecutionProvider"])
-    return sess.run(None, {"x": x})[0]
+    return sess.run(None, {sess.get_inputs()[0].name: x})[0]  # units' input is x; an export's, images
 
 
 @register_engine("onnxruntime")
@@ -91,7 +91,7 @@ class OnnxRuntimeEngine:
         so.inter_op_num_threads = 1
         sess = self.ort.InferenceSession(str(graph.path), so, providers=["CPUExecutionProvider"])
         x = graph.example_input()
-        feed = {"x": x}
+        feed = {sess.get_inputs()[0].name: x}
         m = self.cfg.measure
         for _ in range(m["warmup"]):
             sess.run(None, feed)

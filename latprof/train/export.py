@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import io
+import json
+import os
+import tempfile
 from pathlib import Path
 
-from latprof.errors import ExportError, require
+from latprof.errors import ExportError, UsageError, require
+
+METADATA_KEY = "latprof"  # ONNX metadata_props: what `latprof validate --onnx` needs to time it against its budget
 
 
 def export_onnx(checkpoint, out, kept=None, opset: int = 17, check: bool = True) -> dict:
@@ -35,12 +41,17 @@ def export_onnx(checkpoint, out, kept=None, opset: int = 17, check: bool = True)
     example = torch.randn(1, 3, size, size)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    buf = io.BytesIO()
     try:
-        torch.onnx.export(static, (example,), str(out), dynamo=False, opset_version=opset,
+        torch.onnx.export(static, (example,), buf, dynamo=False, opset_version=opset,
                           input_names=["images"], output_names=["logits"])
     except Exception as exc:
         raise ExportError(f"ONNX export failed: {str(exc).splitlines()[0][:200]}",
                           "report it with the checkpoint's model name and torch version") from None
+    c = ckpt["config"]
+    trained = dict(model=c["model"], kept=list(kept), locations=locations, img_size=size, budget_ms=c.get("budget_ms"),
+                   lut=c.get("lut"), trained_kept=list(c["kept"]))
+    write_export(out, _fold(buf.getvalue()), trained)
     summary = dict(path=str(out), kept=list(kept), locations=locations, img_size=size)
     if check:
         try:
@@ -72,3 +83,46 @@ def _deployed(model, kept):
             return self.model(images, mode="topk", kept=tuple(kept)).logits
 
     return Deployed().eval()
+
+
+def _fold(data: bytes) -> bytes:
+    """The graph with its shape arithmetic folded into constants by onnxruntime's basic rewrites (standard
+    ONNX ops, provider independent). The schedule is static, but the traced hierarchical models compute
+    shapes at run time (tensor.new_ones(B, N), expand), and TVM's importer cannot follow those."""
+    ort = require("onnxruntime", "models")
+    with tempfile.TemporaryDirectory() as d:
+        so = ort.SessionOptions()
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+        so.optimized_model_filepath = str(Path(d) / "folded.onnx")
+        ort.InferenceSession(data, so, providers=["CPUExecutionProvider"])
+        return Path(so.optimized_model_filepath).read_bytes()
+
+
+def write_export(out: Path, data: bytes, trained: dict) -> None:
+    """The ONNX bytes with the training facts in its metadata, written atomically."""
+    import onnx
+
+    m = onnx.load_from_string(data)
+    onnx.helper.set_model_props(m, {METADATA_KEY: json.dumps(trained)})
+    tmp = out.with_name(out.name + ".tmp")
+    onnx.save(m, str(tmp))
+    os.replace(tmp, out)
+
+
+def read_export(path) -> dict:
+    """The training facts `latprof export` stored in an ONNX file."""
+    import onnx
+
+    path = Path(path)
+    if not path.is_file():
+        raise UsageError(f"no ONNX file at {path}", "give the file `latprof export --out` wrote")
+    try:
+        m = onnx.load(str(path), load_external_data=False)
+    except Exception as exc:
+        raise UsageError(f"{path} is not an ONNX model ({str(exc).splitlines()[0][:120]})",
+                         "give the file `latprof export --out` wrote") from None
+    props = {p.key: p.value for p in m.metadata_props}
+    if METADATA_KEY not in props:
+        raise UsageError(f"{path} carries no latprof training metadata (model, kept counts, budget)",
+                         "export it with `latprof export --checkpoint DIR/last.pt --out FILE`")
+    return json.loads(props[METADATA_KEY])

@@ -1,0 +1,90 @@
+"""Closing the loop: train against a real table, export, and time the export on the device against its
+budget (`latprof validate --onnx`)."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from PIL import Image
+
+from latprof.cli import main
+from latprof.models import get_model
+from latprof.predict import parse_keep, predict
+from tests.conftest import write_config
+
+SPEC = get_model("deit_t")
+
+
+def _images(root):
+    rng = np.random.default_rng(0)
+    for split, count in (("train", 2), ("val", 2)):
+        for c in range(2):
+            d = root / split / f"c{c}"
+            d.mkdir(parents=True)
+            for i in range(count):
+                Image.fromarray((rng.random((32, 32, 3)) * 255).astype(np.uint8)).save(d / f"{i}.png")
+    return root
+
+
+def test_a_trained_export_is_timed_against_its_budget(workdir, tmp_path, one_torch_thread):
+    from latprof.deployed import schedule_of
+    from latprof.lut.build import build_and_write
+    from latprof.measure.runner import measure, store_path
+    from latprof.train.export import read_export
+
+    cfg = write_config(tmp_path / "ort.yaml", name="ortexp", engine="onnxruntime", threads=1,
+                       measure={"repeats": 5, "number": 0, "min_repeat_ms": 5})
+    measure(str(cfg), "deit_t", [17, 50, 99, 197], progress=False)
+    lut = tmp_path / "luts" / "ortexp.csv"
+    table = build_and_write(store_path(workdir, "ortexp"), lut)
+    budget = predict(table, "deit_t", parse_keep("0.7,0.49,0.343", SPEC)).total_ms
+
+    out = tmp_path / "run"
+    runner = CliRunner()
+    res = runner.invoke(main, ["train", "--lut", str(lut), "--budget", f"{budget}ms", "--data", str(_images(tmp_path / "d")),
+                               "--out", str(out), "--model", "deit_t", "--batch-size", "2", "--workers", "0",
+                               "--no-progress", "--random-init", "--epochs", "1", "--max-steps", "1"],
+                        catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    kept = json.loads((out / "schedule.json").read_text())["kept"]
+    # one step leaves the selectors near their uniform start, where runtimes break top-k ties differently;
+    # decisive scores stand in for a trained selector
+    ckpt = torch.load(out / "last.pt", weights_only=True)
+    gen = torch.Generator().manual_seed(0)
+    for key, value in ckpt["model"].items():
+        if key.startswith("selectors.") and key.rsplit(".", 1)[-1] in ("w_in", "w1", "w2", "w3"):
+            ckpt["model"][key] = torch.randn(value.shape, generator=gen) * 0.3
+    torch.save(ckpt, tmp_path / "decisive.pt")
+    onnx_path = tmp_path / "m.onnx"
+    res = runner.invoke(main, ["export", "--checkpoint", str(tmp_path / "decisive.pt"), "--out", str(onnx_path)])
+    assert res.exit_code == 0, res.output
+
+    info = read_export(onnx_path)  # the training facts travel with the file
+    assert info["model"] == "deit_t" and info["kept"] == kept and info["budget_ms"] == pytest.approx(budget)
+    assert info["lut"] == str(lut) and info["locations"] == list(SPEC.pruning_locations)
+
+    want = predict(table, "deit_t", schedule_of(SPEC, kept)).total_ms
+    res = runner.invoke(main, ["validate", "--device", str(cfg), "--onnx", str(onnx_path), "-q"])  # the table from the file
+    budget_line = next(line for line in res.output.splitlines() if line.strip().startswith("budget"))
+    assert f"{budget:9.3f} ms" in budget_line and f"predicted  {want:9.3f} ms" in res.output
+    assert res.exit_code == (1 if "OVER" in budget_line else 0), res.output
+    res = runner.invoke(main, ["validate", "--device", str(cfg), "--onnx", str(onnx_path), "--lut", str(lut),
+                               "--budget", "100000ms", "-q"])
+    assert res.exit_code == 0 and "met with" in res.output, res.output
+    res = runner.invoke(main, ["validate", "--device", str(cfg), "--onnx", str(onnx_path), "--budget", "0.001ms", "-q"])
+    assert res.exit_code == 1 and "OVER by" in res.output, res.output
+    recs = [json.loads(line) for line in (workdir / "validate" / "ortexp-exports.jsonl").read_text().splitlines()]
+    assert len(recs) == 3 and all(len(r["samples_ms"]) == 5 and len(r["ref_samples_ms"]) == 5 for r in recs)
+    assert [r["budget_ms"] for r in recs[1:]] == [100000.0, 0.001] and recs[0]["kept"] == kept
+
+    # bad input: one line that names the fix
+    unit = next((workdir / "graphs").rglob("*.onnx"))
+    for args, msg in ((["--onnx", str(unit)], "carries no latprof training metadata"),
+                      (["--onnx", str(tmp_path / "none.onnx")], "no ONNX file"),
+                      (["--onnx", str(onnx_path), "--model", "pit_xs"], "is a trained deit_t"),
+                      (["--onnx", str(onnx_path), "--lut", str(tmp_path / "x.csv")], "no table at"),
+                      (["--model", "deit_t"], "needs --model and --lut")):
+        res = runner.invoke(main, ["validate", "--device", str(cfg), *args])
+        assert res.exit_code == 2 and msg in res.output and "Traceback" not in res.output, res.output
