@@ -61,7 +61,7 @@ def export_graph(path: Path, model: str, kept, img_size: int):
     return Graph(model, "export-" + "-".join(map(str, kept)), 0, path, digest, (1, 3, img_size, img_size), 0.0)
 
 
-def measure_export(device, onnx_path, lut=None, budget_ms: float | None = None, workdir=None, stat: str = "median",
+def measure_export(device, onnx_path, lut=None, budget_ms: float | None = None, workdir=None, stat: str | None = None,
                    progress: bool = True, echo=print, use_overhead: bool = True) -> DeployedResult:
     from latprof.devices import load_config, open_session
     from latprof.devices.config import DeviceConfig
@@ -75,7 +75,6 @@ def measure_export(device, onnx_path, lut=None, budget_ms: float | None = None, 
 
     path = Path(onnx_path)
     info = read_export(path)
-    parse_stat(stat)
     given = lut is not None
     lut = Path(lut or info.get("lut") or "")
     if not lut.is_file():
@@ -89,7 +88,8 @@ def measure_export(device, onnx_path, lut=None, budget_ms: float | None = None, 
     workdir = Path(workdir or default_workdir())
     bars = bar_factory(progress)
     eng = table_engine(measured_table, cfg, spec, workdir)
-    overhead = read_overhead(lut, measured_table, parse_stat(stat)) if use_overhead else None
+    overhead = read_overhead(lut, measured_table, parse_stat(stat) if stat else None) if use_overhead else None
+    stat = stat or (overhead.statistic if overhead else "median")  # default: the calibration's
     table = table_statistic(measured_table, stat)
     p = predict(table, spec.name, schedule, overhead)  # outside the table's range -> LutError before any compiling
 

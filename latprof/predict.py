@@ -222,6 +222,21 @@ def read_overhead(lut_path: str | Path, table=None, statistic: str | None = None
     return oh
 
 
+def calibrated(lut_path: str | Path, table):
+    """The table read with its calibration's statistic, and the calibration (None without a sidecar):
+    what a budget on the corrected prediction is checked against."""
+    oh = read_overhead(lut_path, table)
+    return (table_statistic(table, oh.statistic) if oh else table), oh
+
+
+def budget_on_sum(budget_ms: float, overhead: Overhead | None, calls: int) -> float:
+    """The budget on the plain sum of units whose corrected prediction is `budget_ms` (Overhead.apply
+    inverted: the correction grows with the sum the solver adds up)."""
+    if overhead is None:
+        return budget_ms
+    return (budget_ms - overhead.residual_ms) / overhead.scale + (calls - 1) * overhead.per_call_ms
+
+
 def write_overhead(lut_path: str | Path, oh: Overhead) -> Path:
     from latprof.lut.table import atomic_write_text
 

@@ -56,7 +56,8 @@ def predict(lut, model, keep, tokens, engine, no_overhead, brief, stat):
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--calibrate", is_flag=True,
               help="Measure the per-call overhead, fit the scale and write <table>.overhead.json.")
-@click.option("--stat", default="median", show_default=True, help="Sample statistic for table and end to end: median, min, q10, q25.")
+@click.option("--stat", default=None, help="Sample statistic for table and end to end: median (default), min, q10, q25; "
+                                          "with --onnx, default: the table's calibration's.")
 @click.option("--no-overhead", is_flag=True, help="Compare with the plain sum of units.")
 @click.option("--plot", "plot_out", type=click.Path(path_type=Path), default=None,
               help="PNG of predicted vs measured (default <workdir>/validate/<device>-<model>.png).")
@@ -84,7 +85,7 @@ def validate(device, model, lut, onnx_path, budget, configs, seed, calibrate, st
         out = None
         click.echo("matplotlib missing: no plot (pip install 'latprof[plot]')", err=True)
     result = run(device, model, lut, configs=configs, seed=seed, workdir=wd, calibrate=calibrate, plot=out,
-                 progress=not quiet, echo=click.echo, use_overhead=not no_overhead, stat=stat)
+                 progress=not quiet, echo=click.echo, use_overhead=not no_overhead, stat=stat or "median")
     click.echo(format_validation(result))
     if calibrate and result.overhead is not None:
         from latprof.predict import overhead_path
@@ -132,38 +133,27 @@ def plot(luts, model, out):
 def solve(lut, model, budget, engine, every_count):
     """The token schedule that keeps the most tokens within a latency budget (`latprof train`'s
     keep-ratio solver, exact over the table's grid), with its predicted latency and MACs."""
-    import math
-
-    from latprof.errors import InfeasibleError
     from latprof.lut.table import read_lut
     from latprof.models import get_model
-    from latprof.predict import _depth, format_prediction, model_macs, predict as run, read_overhead
+    from latprof.predict import _depth, budget_on_sum, calibrated, format_prediction, model_macs, predict as run
     from latprof.train.cli import parse_budget
-    from latprof.train.solver import solve_staged, solve_table
+    from latprof.train.solver import solve_calibrated, solve_staged, solve_table
 
     spec = get_model(model)
     ms = parse_budget(budget)
     table = read_lut(lut)
     if engine:
         table = table.for_engine(engine)
-    overhead = read_overhead(lut, table)
-    # with an overhead sidecar the budget is on the corrected prediction, which grows with the plain sum
-    # of units the solver adds up: the same budget on that sum is the inverse of Overhead.apply
+    table, overhead = calibrated(lut, table)
     calls = len(spec.units)
-    sum_budget = ms if overhead is None else \
-        (ms - overhead.residual_ms) / overhead.scale + (calls - 1) * overhead.per_call_ms
+    sum_budget = budget_on_sum(ms, overhead, calls)
 
     def solver(budget_ms):
         if spec.layout is not None:
             return solve_staged(table, spec, budget_ms, every_count)
         return solve_table(table, model, budget_ms, spec.max_tokens - 1, spec.pruning_locations, _depth(spec), every_count)
 
-    if overhead is not None:  # an infeasible budget is reported in corrected terms
-        fastest = overhead.apply(solver(math.inf).fastest_ms, calls)
-        if ms < fastest:
-            raise InfeasibleError(f"budget {ms:g} ms is below the fastest {model} schedule on the table ({fastest:.4g} ms "
-                                  "with the overhead correction)", f"raise --budget to at least {fastest:.4g} ms")
-    r = solver(sum_budget)
+    r = solve_calibrated(solver, ms, overhead, calls, model)
     click.echo(f"budget {ms:g} ms" + (f" (a sum of units of {sum_budget:.4g} ms after the overhead correction)" if overhead else "")
                + f": kept {list(r.kept)}, sum of units {r.latency_ms:.4g} ms (fastest on the table {r.fastest_ms:.4g} ms"
                + (f", least pruning {r.dense_ms:.4g} ms)" if r.dense_ms else ")"))

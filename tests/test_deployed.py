@@ -88,3 +88,38 @@ def test_a_trained_export_is_timed_against_its_budget(workdir, tmp_path, one_tor
                       (["--model", "deit_t"], "needs --model and --lut")):
         res = runner.invoke(main, ["validate", "--device", str(cfg), *args])
         assert res.exit_code == 2 and msg in res.output and "Traceback" not in res.output, res.output
+
+
+def test_fold_shapes_replaces_shape_arithmetic_and_keeps_the_compute(tmp_path):
+    import collections
+    import io
+
+    import onnx
+    import onnxruntime as ort
+    from torch import nn
+
+    from latprof.train.export import fold_shapes
+
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(8, 8)
+
+        def forward(self, x):
+            idx = x.sum(-1).topk(3, dim=1).indices                         # [B, 3]
+            picked = x.gather(1, idx[..., None].expand(-1, -1, x.shape[-1]))  # expand(-1): Shape of idx
+            return self.lin(picked) * picked.new_ones(picked.shape[0], 3)[..., None]
+
+    buf = io.BytesIO()
+    torch.onnx.export(M().eval(), (torch.randn(2, 5, 8),), buf, dynamo=False, opset_version=17, input_names=["x"],
+                      do_constant_folding=False)  # keeps every traced shape computation
+    raw = buf.getvalue()
+    out = fold_shapes(raw)
+    ops = lambda data: collections.Counter(n.op_type for n in onnx.load_from_string(data).graph.node)  # noqa: E731
+    before, after = ops(raw), ops(out)
+    assert before["Shape"] > 0 and after["Shape"] == 0 and after["ConstantOfShape"] == 0
+    compute = ("TopK", "GatherElements", "MatMul", "Add")
+    assert [after[k] for k in compute] == [before[k] for k in compute] and after["Mul"] >= 1  # as traced
+    x = np.random.default_rng(0).standard_normal((2, 5, 8)).astype(np.float32)
+    run = lambda data: ort.InferenceSession(data, providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]  # noqa: E731
+    assert np.array_equal(run(raw), run(out))

@@ -109,6 +109,37 @@ def test_checkpoint_and_teacher_from_timm_state_dict(workdir, tmp_path):
     assert diff < 0.05
 
 
+def test_a_calibrated_tables_budget_is_on_the_corrected_prediction(workdir, tmp_path):
+    """With an overhead sidecar, train budgets what `predict` and `solve` say (scale x the sum of units),
+    not the plain sum: otherwise the trained model misses its budget by the whole overhead."""
+    from latprof.lut.table import read_lut
+    from latprof.models import get_model
+    from latprof.predict import Overhead, write_overhead
+
+    lut = tmp_path / "cal.csv"
+    table = synthetic_table("deit_t", depth=4, patches=16, selectors=True)
+    write_lut(table, lut)
+    t = read_lut(lut)
+    write_overhead(lut, Overhead(per_call_ms=0.001, scale=1.5, engine=t.engine, tuning=str(t.frame["tuning"].iloc[0])))
+    calls = len(get_model("deit_t").units)
+    def args(out, budget):
+        a = base_args(workdir, out, budget=budget) + ["--random-init", "--epochs", "1", "--max-steps", "1"]
+        a[a.index("--lut") + 1] = str(lut)
+        return a
+
+    res = CliRunner().invoke(train, args(tmp_path / "r", "0.3ms"), catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    sched = json.loads((tmp_path / "r" / "schedule.json").read_text())
+    assert sched["budget_on_sum_ms"] == pytest.approx(0.3 / 1.5 + (calls - 1) * 0.001)
+    assert sched["sum_ms"] <= sched["budget_on_sum_ms"]
+    assert sched["predicted_ms"] == pytest.approx(1.5 * (sched["sum_ms"] - (calls - 1) * 0.001)) and sched["predicted_ms"] <= 0.3
+    (record,) = [json.loads(line) for line in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    assert record["predicted_ms"] == pytest.approx(sched["predicted_ms"])
+    # the plain sum's fastest schedule would pass; corrected, it does not
+    res = CliRunner().invoke(train, args(tmp_path / "x", f"{sched['fastest_ms'] * 1.01}ms"))
+    assert isinstance(res.exception, UsageError) and "with the overhead correction" in str(res.exception), res.output
+
+
 @pytest.mark.parametrize("extra, message", [
     ([], "--random-init"),                                   # no checkpoint, no flag
     (["--random-init", "--budget", "0.01"], "fastest"),     # infeasible budget

@@ -5,7 +5,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import tempfile
 from pathlib import Path
 
 from latprof.errors import ExportError, UsageError, require
@@ -51,7 +50,7 @@ def export_onnx(checkpoint, out, kept=None, opset: int = 17, check: bool = True)
     c = ckpt["config"]
     trained = dict(model=c["model"], kept=list(kept), locations=locations, img_size=size, budget_ms=c.get("budget_ms"),
                    lut=c.get("lut"), trained_kept=list(c["kept"]))
-    write_export(out, _fold(buf.getvalue()), trained)
+    write_export(out, fold_shapes(buf.getvalue()), trained)
     summary = dict(path=str(out), kept=list(kept), locations=locations, img_size=size)
     if check:
         try:
@@ -85,17 +84,61 @@ def _deployed(model, kept):
     return Deployed().eval()
 
 
-def _fold(data: bytes) -> bytes:
-    """The graph with its shape arithmetic folded into constants by onnxruntime's basic rewrites (standard
-    ONNX ops, provider independent). The schedule is static, but the traced hierarchical models compute
-    shapes at run time (tensor.new_ones(B, N), expand), and TVM's importer cannot follow those."""
+FOLD_MAX_ELEMENTS = 4096  # a folded value larger than this stays computed (no big constants baked in)
+
+
+def fold_shapes(data: bytes) -> bytes:
+    """The graph with its shape arithmetic replaced by constants. The schedule is static, but the traced
+    models compute shapes at run time (tensor.new_ones(B, N), expand, Swin's padding), and TVM's
+    importer cannot follow those. Every value that does not depend on the input's values (shapes of
+    the fixed-size input, constants, weights) and is small is replaced by its value, read from one
+    onnxruntime run; compute nodes stay as traced, so TVM compiles the same operators as for the units."""
+    import numpy as np
+    import onnx
+    from onnx import helper, numpy_helper
+
     ort = require("onnxruntime", "models")
-    with tempfile.TemporaryDirectory() as d:
-        so = ort.SessionOptions()
-        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
-        so.optimized_model_filepath = str(Path(d) / "folded.onnx")
-        ort.InferenceSession(data, so, providers=["CPUExecutionProvider"])
-        return Path(so.optimized_model_filepath).read_bytes()
+    model = onnx.load_from_string(data)
+    graph = model.graph
+    fixed = {t.name for t in graph.initializer}
+    folded = set()
+    for node in graph.node:  # topological: a value is fixed when every input is (Shape: the input's shape is)
+        ins = [i for i in node.input if i]
+        if node.op_type == "Shape" or all(i in fixed for i in ins):
+            fixed.update(o for o in node.output if o)
+            if node.op_type != "Constant":
+                folded.update(o for o in node.output if o)
+    if not folded:
+        return data
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    probe.graph.output.extend(onnx.ValueInfoProto(name=n) for n in sorted(folded))
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    sess = ort.InferenceSession(probe.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    x = graph.input[0]
+    shape = [d.dim_value for d in x.type.tensor_type.shape.dim]
+    names = [o.name for o in sess.get_outputs()]
+    values = {n: v for n, v in zip(names, sess.run(None, {x.name: np.zeros(shape, np.float32)}))
+              if n in folded and np.size(v) <= FOLD_MAX_ELEMENTS}
+    nodes = [n for n in graph.node if not (n.output and all(o in values for o in n.output if o))]
+    used = {i for n in nodes for i in n.input} | {o.name for o in graph.output}
+    constants = [helper.make_node("Constant", [], [name], value=numpy_helper.from_array(np.asarray(v), name))
+                 for name, v in values.items() if name in used]
+    del graph.node[:]
+    graph.node.extend(constants + nodes)
+    live = {i for n in graph.node for i in n.input}
+    for t in [t for t in graph.initializer if t.name not in live]:  # e.g. a class token folded into a constant
+        graph.initializer.remove(t)
+    for _ in range(len(graph.node)):  # Constant nodes nothing reads any more
+        dead = [n for n in graph.node if n.op_type == "Constant" and n.output[0] not in live and n.output[0] not in used]
+        if not dead:
+            break
+        for n in dead:
+            graph.node.remove(n)
+        live = {i for n in graph.node for i in n.input}
+    onnx.checker.check_model(model)
+    return model.SerializeToString()
 
 
 def write_export(out: Path, data: bytes, trained: dict) -> None:

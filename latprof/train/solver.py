@@ -114,6 +114,20 @@ def solve(lm: LatencyModel, budget_ms: float, every_count: bool = False) -> Solv
     return SolverResult(kept, latency, info, fastest, dense, schedule)
 
 
+def solve_calibrated(solver, budget_ms: float, overhead, calls: int, model: str) -> SolverResult:
+    """`solver(budget on the sum of units)` for a budget on the corrected prediction (the table's overhead
+    sidecar; none: the plain sum). An infeasible budget is reported in the same corrected terms."""
+    from latprof.predict import budget_on_sum
+
+    if overhead is not None:
+        fastest = overhead.apply(solver(math.inf).fastest_ms, calls)
+        if budget_ms < fastest:
+            raise InfeasibleError(f"budget {budget_ms:g} ms is below the fastest {model} schedule on the table "
+                                  f"({fastest:.4g} ms with the overhead correction)",
+                                  f"raise --budget to at least {fastest:.4g} ms")
+    return solver(budget_on_sum(budget_ms, overhead, calls))
+
+
 def solve_table(table, model: str, budget_ms: float, patches: int, locations, depth: int,
                 every_count: bool = False) -> SolverResult:
     """Convenience: LatencyModel from a LutTable, then `solve`."""

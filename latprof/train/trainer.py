@@ -103,7 +103,8 @@ def run(cfg: TrainConfig, log=print) -> dict:
     from latprof.train.data import image_folders
     from latprof.train.latency import LatencyModel
     from latprof.train.loss import LatencySparsityLoss
-    from latprof.train.solver import solve, solve_staged
+    from latprof.predict import budget_on_sum, calibrated, overhead_path
+    from latprof.train.solver import solve, solve_calibrated, solve_staged
     from latprof.train.spvit import SPViT
     from latprof.train.staged import StagedSPViT
     from latprof.train.weights import load_backbone, load_checkpoint, save_checkpoint
@@ -141,25 +142,37 @@ def run(cfg: TrainConfig, log=print) -> dict:
     table = read_lut(cfg.lut)
     if cfg.engine:
         table = table.for_engine(cfg.engine)
+    # a calibrated table's budget is on the corrected prediction, as in `latprof solve` and `predict`
+    table, overhead = calibrated(cfg.lut, table)
+    calls = len(spec.units)
+    sum_budget = budget_on_sum(cfg.budget_ms, overhead, calls)
     if staged:
         lm = LatencyModel.from_staged(table, spec)
-        target = solve_staged(table, spec, cfg.budget_ms, every_count=cfg.every_count)
+        target = solve_calibrated(lambda b: solve_staged(table, spec, b, every_count=cfg.every_count), cfg.budget_ms,
+                                  overhead, calls, cfg.model)
         patches = list(lm.whole)
         model = StagedSPViT(vit, spec.layout, kept=target.kept)
     else:
         depth, patches = len(vit.blocks), int(vit.patch_embed.num_patches)
         lm = LatencyModel.from_table(table, cfg.model, patches, locations, depth)
-        target = solve(lm, cfg.budget_ms, every_count=cfg.every_count)
+        target = solve_calibrated(lambda b: solve(lm, b, every_count=cfg.every_count), cfg.budget_ms, overhead, calls,
+                                  cfg.model)
         model = SPViT(vit, locations, kept=target.kept)
-    say(f"schedule for {cfg.budget_ms:g} ms: kept patches {list(target.kept)} of {patches}, "
-        f"predicted {target.latency_ms:.4g} ms (fastest {target.fastest_ms:.4g} ms)")
+
+    def corrected(sum_ms: float) -> float:  # what `predict` says for a sum of units (the budget's terms)
+        return overhead.apply(sum_ms, calls) if overhead else sum_ms
+
+    predicted_ms = corrected(target.latency_ms)
+    say(f"schedule for {cfg.budget_ms:g} ms: kept patches {list(target.kept)} of {patches}, predicted {predicted_ms:.4g} ms"
+        + (f" (sum of units {target.latency_ms:.4g} ms, overhead-corrected by {overhead_path(cfg.lut).name})" if overhead else "")
+        + f" (fastest sum of units {target.fastest_ms:.4g} ms)")
     model = model.to(device)
     teacher = None
     if cfg.teacher:
         teacher = create_backbone(spec.timm_name, len(classes), cfg.img_size, cfg.model_kwargs)
         load_backbone(teacher, cfg.teacher, log=say)
         teacher = teacher.to(device).eval().requires_grad_(False)
-    criterion = LatencySparsityLoss(lm, cfg.budget_ms, target.kept).to(device)
+    criterion = LatencySparsityLoss(lm, sum_budget, target.kept).to(device)  # lm adds up units: the budget on that sum
 
     sampler = None
     if world > 1:
@@ -178,7 +191,7 @@ def run(cfg: TrainConfig, log=print) -> dict:
 
     config = dict(model=cfg.model, timm_name=spec.timm_name, num_classes=len(classes), classes=list(classes),
                   img_size=img_size, model_kwargs=dict(cfg.model_kwargs), locations=list(locations),
-                  kept=list(target.kept), budget_ms=cfg.budget_ms, predicted_ms=target.latency_ms,
+                  kept=list(target.kept), budget_ms=cfg.budget_ms, predicted_ms=predicted_ms,
                   lut=str(cfg.lut), run=_jsonable(asdict(cfg)))
     start_epoch, history = 0, []
     if cfg.resume:
@@ -206,7 +219,8 @@ def run(cfg: TrainConfig, log=print) -> dict:
         out.mkdir(parents=True, exist_ok=True)
         (out / "schedule.json").write_text(json.dumps(dict(
             kept=config["kept"], locations=list(locations), patches=patches, budget_ms=cfg.budget_ms,
-            predicted_ms=target.latency_ms, fastest_ms=target.fastest_ms, dense_ms=target.dense_ms,
+            budget_on_sum_ms=sum_budget, predicted_ms=predicted_ms, sum_ms=target.latency_ms,
+            fastest_ms=target.fastest_ms, dense_ms=target.dense_ms,
             block_tokens=target.schedule.block_tokens()), indent=2) + "\n")
 
     for epoch in range(start_epoch, cfg.epochs):
@@ -242,14 +256,14 @@ def run(cfg: TrainConfig, log=print) -> dict:
                                  torch.full((), float(n), device=device), lat.latency_ms * n])
             if rank == 0 and cfg.progress and (step % 10 == 0 or step == steps_per_epoch - 1):
                 s = sums.tolist()  # a sync every 10 steps for the bar, never inside forward
-                bar.set_postfix(loss=f"{s[0] / s[2]:.3f}", acc=f"{s[1] / s[2]:.3f}", lat_ms=f"{s[3] / s[2]:.3g}")
+                bar.set_postfix(loss=f"{s[0] / s[2]:.3f}", acc=f"{s[1] / s[2]:.3f}", lat_ms=f"{corrected(s[3] / s[2]):.3g}")
             bar.update(1)
         bar.close()
         if world > 1:
             dist.all_reduce(sums)
         s = sums.tolist()
         record = dict(epoch=epoch + 1, loss=s[0] / max(s[2], 1), train_acc=s[1] / max(s[2], 1),
-                      expected_ms=s[3] / max(s[2], 1), predicted_ms=target.latency_ms, kept=config["kept"])
+                      expected_ms=corrected(s[3] / max(s[2], 1)), predicted_ms=predicted_ms, kept=config["kept"])
         if val_ds is not None:
             record["val_acc"] = evaluate(model, val_ds, cfg.batch_size, device)
         history.append(record)
@@ -261,7 +275,7 @@ def run(cfg: TrainConfig, log=print) -> dict:
             say(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()))
     if world > 1:
         dist.barrier()
-    return dict(history=history, kept=tuple(config["kept"]), predicted_ms=target.latency_ms, out=str(out),
+    return dict(history=history, kept=tuple(config["kept"]), predicted_ms=predicted_ms, out=str(out),
                 rank=rank, world=world)
 
 
