@@ -9,7 +9,7 @@ from latprof.lut.build import build_and_write
 from latprof.measure.runner import default_grid, measure, parse_tokens, store_path, table_tokens, unit_grid
 from latprof.models import get_model, list_models
 from latprof.predict import model_macs, parse_keep, parse_tokens as parse_block_tokens, predict, unit_tokens
-from tests.conftest import write_config
+from tests.conftest import decisive_selectors, write_config
 
 # dense GMACs as published (Swin paper, PiT paper; SPViT's tables quote the same)
 PUBLISHED_GMACS = {"swin_t": 4.5, "swin_s": 8.7, "pit_s": 2.9, "pit_xs": 1.4}
@@ -456,15 +456,8 @@ def test_latprof_train_runs_spvit_on_hierarchical_models(model, tmp_path, one_to
     # wrong settings for a hierarchical model say what to do
     bad = CliRunner().invoke(train, args[:-6] + ["--locations", "1,2,3", "--out", str(tmp_path / "x")])
     assert bad.exit_code != 0 and "fixed by" in str(bad.exception)
-    # the trained model with its static schedule, tokens really removed, as ONNX that onnxruntime runs.
-    # Two steps leave the selectors at their near-uniform start, where runtimes break top-k ties
-    # differently; decisive scores stand in for a trained selector.
-    ckpt = torch.load(out / "last.pt", weights_only=True)
-    gen = torch.Generator().manual_seed(0)
-    for key, value in ckpt["model"].items():
-        if key.startswith("selectors.") and key.rsplit(".", 1)[-1] in ("w_in", "w1", "w2", "w3"):
-            ckpt["model"][key] = torch.randn(value.shape, generator=gen) * 0.3
-    torch.save(ckpt, tmp_path / "decisive.pt")
+    # the trained model with its static schedule, tokens really removed, as ONNX that onnxruntime runs
+    decisive_selectors(out / "last.pt", tmp_path / "decisive.pt")
     res = CliRunner().invoke(export, ["--checkpoint", str(tmp_path / "decisive.pt"), "--out", str(tmp_path / "m.onnx")],
                              catch_exceptions=False)
     assert res.exit_code == 0 and "onnxruntime max |diff|" in res.output, res.output
