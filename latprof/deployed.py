@@ -82,6 +82,10 @@ def measure_export(device, onnx_path, lut=None, budget_ms: float | None = None, 
         raise UsageError(f"no table at '{lut}'{where}", "give the table to compare with: --lut luts/<device>.csv")
     cfg = device if isinstance(device, DeviceConfig) else load_config(device)
     spec = get_model(info["model"])
+    if info.get("model_kwargs") or int(info["img_size"]) != 224:
+        raise UsageError(f"{path.name} is a {spec.name} trained with --model-kwargs or --img-size "
+                         f"({info.get('model_kwargs') or info['img_size']}): the table's units are the registry's {spec.name}",
+                         "train with the registry's structure and 224-pixel images to time it against a table")
     measured_table = read_lut(lut)
     measured_table.units(spec.name)  # a table without this model -> LutError with the fix
     schedule = schedule_of(spec, info["kept"], info.get("locations"))

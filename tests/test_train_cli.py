@@ -12,6 +12,7 @@ from PIL import Image
 
 from latprof.errors import UsageError
 from latprof.lut.table import write_lut
+from latprof.cli import main
 from latprof.train.cli import export, parse_budget, train
 from latprof.train.synthetic import synthetic_table
 
@@ -79,6 +80,9 @@ def test_train_resume_export(workdir, tmp_path):
     assert res.exit_code == 0, res.output
     assert onnx_path.stat().st_size > 10_000
     assert "onnxruntime max |diff|" in res.output
+    # a structure the registry's tables do not describe cannot be timed against one
+    res = runner.invoke(main, ["validate", "--device", "local", "--onnx", str(onnx_path), "--lut", str(workdir / "lut.csv")])
+    assert res.exit_code == 2 and "trained with --model-kwargs" in res.output, res.output
 
 
 def test_bf16_precision_trains_and_records_it(workdir, tmp_path):

@@ -49,7 +49,7 @@ def export_onnx(checkpoint, out, kept=None, opset: int = 17, check: bool = True)
                           "report it with the checkpoint's model name and torch version") from None
     c = ckpt["config"]
     trained = dict(model=c["model"], kept=list(kept), locations=locations, img_size=size, budget_ms=c.get("budget_ms"),
-                   lut=c.get("lut"), trained_kept=list(c["kept"]))
+                   lut=c.get("lut"), trained_kept=list(c["kept"]), model_kwargs=c.get("model_kwargs") or {})
     write_export(out, fold_shapes(buf.getvalue()), trained)
     summary = dict(path=str(out), kept=list(kept), locations=locations, img_size=size)
     if check:
