@@ -122,21 +122,13 @@ def fold_shapes(data: bytes) -> bytes:
     values = {n: v for n, v in zip(names, sess.run(None, {x.name: np.zeros(shape, np.float32)}))
               if n in folded and np.size(v) <= FOLD_MAX_ELEMENTS}
     nodes = [n for n in graph.node if not (n.output and all(o in values for o in n.output if o))]
-    used = {i for n in nodes for i in n.input} | {o.name for o in graph.output}
+    live = {i for n in nodes if n.op_type != "Constant" for i in n.input} | {o.name for o in graph.output}
     constants = [helper.make_node("Constant", [], [name], value=numpy_helper.from_array(np.asarray(v), name))
-                 for name, v in values.items() if name in used]
+                 for name, v in values.items() if name in live]
     del graph.node[:]
-    graph.node.extend(constants + nodes)
-    live = {i for n in graph.node for i in n.input}
+    graph.node.extend(constants + [n for n in nodes if n.op_type != "Constant" or n.output[0] in live])
     for t in [t for t in graph.initializer if t.name not in live]:  # e.g. a class token folded into a constant
         graph.initializer.remove(t)
-    for _ in range(len(graph.node)):  # Constant nodes nothing reads any more
-        dead = [n for n in graph.node if n.op_type == "Constant" and n.output[0] not in live and n.output[0] not in used]
-        if not dead:
-            break
-        for n in dead:
-            graph.node.remove(n)
-        live = {i for n in graph.node for i in n.input}
     onnx.checker.check_model(model)
     return model.SerializeToString()
 
