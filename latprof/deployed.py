@@ -10,9 +10,8 @@ samples are appended to `<workdir>/validate/<device>-exports.jsonl`.
 
 from __future__ import annotations
 
-import datetime as _dt
+import contextlib
 import hashlib
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,16 +42,6 @@ class DeployedResult:
         return self.budget_ms is not None and self.measured_ms > self.budget_ms
 
 
-def schedule_of(spec, kept, locations=None):
-    """The token schedule of explicit kept counts per pruning location (what training records)."""
-    from latprof.predict import _depth
-    from latprof.schedule import TokenSchedule
-
-    if spec.layout is not None:
-        return spec.layout.schedule(tuple(kept))
-    return TokenSchedule(spec.max_tokens - 1, tuple(locations or spec.pruning_locations), tuple(kept), _depth(spec))
-
-
 def export_graph(path: Path, model: str, kept, img_size: int):
     """An exported ONNX file as a measurable graph (content-addressed like the units)."""
     from latprof.export import Graph
@@ -62,19 +51,22 @@ def export_graph(path: Path, model: str, kept, img_size: int):
 
 
 def measure_export(device, onnx_path, lut=None, budget_ms: float | None = None, workdir=None, stat: str | None = None,
-                   progress: bool = True, echo=print, use_overhead: bool = True) -> DeployedResult:
+                   progress: bool = True, echo=print, use_overhead: bool = True, model: str | None = None) -> DeployedResult:
+    """`model`, if given, must be the export's (a user's --model)."""
     from latprof.devices import load_config, open_session
     from latprof.devices.config import DeviceConfig
     from latprof.lut.table import read_lut
     from latprof.measure.runner import default_workdir
     from latprof.models import get_model
-    from latprof.predict import parse_stat, predict, read_overhead, sample_stat, table_statistic
+    from latprof.predict import parse_stat, predict, read_overhead, sample_stat, schedule_of, table_statistic
     from latprof.progress import bar_factory
     from latprof.train.export import read_export
-    from latprof.validate import _prepare, reference_graph, reference_unit, table_engine
+    from latprof.validate import _prepare, append_record, reference_graph, reference_unit, table_engine
 
     path = Path(onnx_path)
     info = read_export(path)
+    if model is not None and model != info["model"]:
+        raise UsageError(f"--model {model}, but {path} is a trained {info['model']}", "leave --model out with --onnx")
     given = lut is not None
     lut = Path(lut or info.get("lut") or "")
     if not lut.is_file():
@@ -100,26 +92,16 @@ def measure_export(device, onnx_path, lut=None, budget_ms: float | None = None, 
     graph = export_graph(path, spec.name, info["kept"], int(info["img_size"]))
     ref_unit, ref_n, ref_table_ms = reference_unit(spec, table)
     ref = reference_graph(spec, workdir, bars)
-    session_cm = open_session(cfg) if eng.needs_session else None
-    session = session_cm.__enter__() if session_cm else None
-    try:
+    with open_session(cfg) if eng.needs_session else contextlib.nullcontext() as session:
         artifacts = _prepare(eng, spec, [graph, ref], workdir, bars, [schedule], session)
         echo(f"measuring {path.name} end to end on {cfg.name}")
         ref_samples, _ = eng.measure(session, ref, artifacts[ref.digest])
         samples, _ = eng.measure(session, graph, artifacts[graph.digest])
-    finally:
-        if session_cm:
-            session_cm.__exit__(None, None, None)
     budget = budget_ms if budget_ms is not None else info.get("budget_ms")
     rpath = workdir / "validate" / f"{cfg.name}-exports.jsonl"
-    rpath.parent.mkdir(parents=True, exist_ok=True)
-    rec = {"onnx": str(path.resolve()), "graph": graph.digest, "model": spec.name, "kept": list(info["kept"]),
-           "budget_ms": budget, "predicted_ms": round(p.total_ms, 6), "engine": eng.name, "tuning": eng.tuning_label(),
-           "device": cfg.name, "ref_unit": ref_unit, "ref_tokens": ref_n,
-           "ref_samples_ms": [round(x, 6) for x in ref_samples], "samples_ms": [round(x, 6) for x in samples],
-           "time": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
-    with open(rpath, "a", encoding="utf-8") as fh:
-        fh.write(json.dumps(rec) + "\n")
+    append_record(rpath, ref_unit, ref_n, ref_samples, samples, onnx=str(path.resolve()), graph=graph.digest,
+                  model=spec.name, kept=list(info["kept"]), budget_ms=budget, predicted_ms=round(p.total_ms, 6),
+                  engine=eng.name, tuning=eng.tuning_label(), device=cfg.name)
     return DeployedResult(path, spec.name, list(info["kept"]), cfg.name, eng.name, eng.tuning_label(), stat,
                           None if budget is None else float(budget), p.total_ms, overhead is not None,
                           sample_stat(samples, stat), list(samples), sample_stat(ref_samples, stat) / ref_table_ms, rpath)

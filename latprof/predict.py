@@ -96,7 +96,14 @@ def parse_tokens(text: str, spec) -> TokenSchedule:
     if any(k < 1 for k in kept):
         raise UsageError(f"token counts {ns} leave no patch token in some stage",
                          "stage s needs N >= 2 + s (class, one patch, s package tokens)")
-    return TokenSchedule(spec.max_tokens - 1, locations, tuple(kept), depth)
+    return schedule_of(spec, kept)
+
+
+def schedule_of(spec, kept, locations=None) -> TokenSchedule:
+    """The token schedule of explicit kept counts per pruning location (what training records)."""
+    if spec.layout is not None:
+        return spec.layout.schedule(tuple(kept))
+    return TokenSchedule(spec.max_tokens - 1, tuple(locations or spec.pruning_locations), tuple(kept), _depth(spec))
 
 
 def _depth(spec) -> int:

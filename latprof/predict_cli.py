@@ -97,13 +97,9 @@ def validate(device, model, lut, onnx_path, budget, configs, seed, calibrate, st
 def _validate_export(device, onnx_path, lut, budget, stat, no_overhead, wd, quiet, model):
     from latprof.deployed import format_deployed, measure_export
     from latprof.train.cli import parse_budget
-    from latprof.train.export import read_export
 
-    exported = read_export(onnx_path)["model"]
-    if model is not None and model != exported:
-        raise UsageError(f"--model {model}, but {onnx_path} is a trained {exported}", "leave --model out with --onnx")
     r = measure_export(device, onnx_path, lut, None if budget is None else parse_budget(budget), workdir=wd, stat=stat,
-                       progress=not quiet, echo=click.echo, use_overhead=not no_overhead)
+                       progress=not quiet, echo=click.echo, use_overhead=not no_overhead, model=model)
     click.echo(format_deployed(r))
     click.echo(f"samples in {r.results_path}")
     if r.over_budget:

@@ -37,7 +37,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from latprof.errors import LutError, UsageError
-from latprof.predict import Overhead, parse_stat, predict, read_overhead, sample_stat, table_statistic, unit_tokens, write_overhead
+from latprof.predict import (Overhead, parse_stat, predict, read_overhead, sample_stat, schedule_of, table_statistic,
+                             unit_tokens, write_overhead)
 from latprof.schedule import TokenSchedule
 
 CALL_PROBE_TOKENS = 17
@@ -120,9 +121,8 @@ class ValidationResult:
         the end-to-end figure corrected by the interleaved reference unit."""
         if not self.configs:
             return 0.0
-        errs = [(c.sum_ms if raw else c.predicted_ms) / (c.corrected_ms if drift else c.measured_ms) - 1
-                for c in self.configs]
-        return sum(abs(e) <= tol for e in errs) / len(errs)
+        return _share([(c.sum_ms if raw else c.predicted_ms) / (c.corrected_ms if drift else c.measured_ms) - 1
+                       for c in self.configs], tol)
 
     @property
     def has_drift(self) -> bool:
@@ -142,11 +142,9 @@ def random_schedules(table, spec, count: int, seed: int = 0) -> list[TokenSchedu
 
     Kept counts are drawn as three sorted uniform ratios over the feasible range, so schedules span
     light to heavy pruning."""
-    from latprof.predict import _depth
-
     if spec.layout is not None:
         return _random_staged(table, spec, count, seed)
-    depth, locs, patches = _depth(spec), tuple(spec.pruning_locations), spec.max_tokens - 1
+    stages, patches = len(spec.pruning_locations), spec.max_tokens - 1
     lo_n = max(table.token_range(spec.name, u)[0] for u in table.units(spec.name) if table.kind(spec.name, u) == "tokens")
     hi_n = min(table.token_range(spec.name, u)[1] for u in table.units(spec.name) if table.kind(spec.name, u) == "tokens")
     if hi_n < spec.max_tokens:
@@ -154,7 +152,6 @@ def random_schedules(table, spec, count: int, seed: int = 0) -> list[TokenSchedu
                        f"measure --tokens ...,{spec.max_tokens}")
     rng = random.Random(seed)
     out, seen, tries = [], set(), 0
-    stages = len(locs)
     k_min = max(1, lo_n - 1)  # stage s needs 1 + k + s >= lo_n; checked per stage below
     while len(out) < count:
         tries += 1
@@ -166,7 +163,7 @@ def random_schedules(table, spec, count: int, seed: int = 0) -> list[TokenSchedu
         if any(not lo_n <= 1 + k + s <= hi_n for s, k in enumerate(kept, start=1)) or tuple(kept) in seen:
             continue
         seen.add(tuple(kept))
-        out.append(TokenSchedule(patches, locs, tuple(kept), depth))
+        out.append(schedule_of(spec, kept))
     return out
 
 
@@ -299,6 +296,18 @@ def reference_graph(spec, workdir: Path, bars):
     return next(g for g in export_graphs(spec, [spec.unit_max(u)], workdir, bars, {u.shared}) if g.shared == u.shared)
 
 
+def append_record(path: Path, ref_unit: str, ref_n: int, ref_samples, samples, **fields) -> dict:
+    """One end-to-end measurement appended to a results file: its samples, the reference unit's beside
+    them, what was measured (`fields`) and when."""
+    rec = {"ref_unit": ref_unit, "ref_tokens": ref_n, "ref_samples_ms": [round(x, 6) for x in ref_samples], **fields,
+           "samples_ms": [round(x, 6) for x in samples],
+           "time": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a", encoding="utf-8") as fh:
+        fh.write(json.dumps(rec) + "\n")
+    return rec
+
+
 # -- validate ------------------------------------------------------------------------------------------
 def results_path(workdir: Path, device: str, model: str, engine: str) -> Path:
     return Path(workdir) / "validate" / f"{device}-{model}-{engine}.jsonl"
@@ -369,7 +378,6 @@ def validate(device, model: str, lut, configs: int = 20, seed: int = 0, workdir=
             bar.update(1)
         bar.close()
         ref = reference_graph(spec, workdir, bars)
-        rpath.parent.mkdir(parents=True, exist_ok=True)
         session_cm = open_session(cfg) if eng.needs_session else None
         session = session_cm.__enter__() if session_cm else None
         try:
@@ -383,13 +391,9 @@ def validate(device, model: str, lut, configs: int = 20, seed: int = 0, workdir=
                 g = graphs[tuple(s.kept)]
                 ref_samples, _ = eng.measure(session, ref, artifacts[ref.digest])  # the machine's state now
                 samples, _ = eng.measure(session, g, artifacts[g.digest])
-                rec = {"ref_unit": ref_unit, "ref_tokens": ref_n, "ref_samples_ms": [round(x, 6) for x in ref_samples],
-                       "table": tid, "tuning": tuning, "engine": eng.name, "device": cfg.name, "model": model,
-                       "kept": list(s.kept), "block_tokens": s.block_tokens(), "graph": g.digest,
-                       "samples_ms": [round(x, 6) for x in samples],
-                       "time": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
-                with open(rpath, "a", encoding="utf-8") as fh:
-                    fh.write(json.dumps(rec) + "\n")
+                rec = append_record(rpath, ref_unit, ref_n, ref_samples, samples, table=tid, tuning=tuning,
+                                    engine=eng.name, device=cfg.name, model=model, kept=list(s.kept),
+                                    block_tokens=s.block_tokens(), graph=g.digest)
                 done[tuple(s.kept)] = rec
                 bar.update(1)
             if probe is not None:

@@ -11,7 +11,7 @@ from PIL import Image
 
 from latprof.cli import main
 from latprof.models import get_model
-from latprof.predict import parse_keep, predict
+from latprof.predict import parse_keep, predict, schedule_of
 from tests.conftest import decisive_selectors, write_config
 
 SPEC = get_model("deit_t")
@@ -29,7 +29,6 @@ def _images(root):
 
 
 def test_a_trained_export_is_timed_against_its_budget(workdir, tmp_path, one_torch_thread):
-    from latprof.deployed import schedule_of
     from latprof.lut.build import build_and_write
     from latprof.measure.runner import measure, store_path
     from latprof.train.export import read_export
