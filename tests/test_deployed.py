@@ -115,3 +115,39 @@ def test_fold_shapes_replaces_shape_arithmetic_and_keeps_the_compute(tmp_path):
     x = np.random.default_rng(0).standard_normal((2, 5, 8)).astype(np.float32)
     run = lambda data: ort.InferenceSession(data, providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]  # noqa: E731
     assert np.array_equal(run(raw), run(out))
+
+
+def test_the_export_check_tells_a_wrong_graph_from_a_top_k_tie():
+    import io
+
+    from torch import nn
+
+    from latprof.errors import ExportError
+    from latprof.train.export import _topk_margin, check_export
+
+    assert _topk_margin(np.array([[3.0, 1.0, 2.0]]), 1, -1) == 1.0       # 3 kept, 2 dropped
+    assert _topk_margin(np.array([[3.0, 2.0], [2.5, 5.0]]), 1, 0) == 0.5  # along axis 0: columns (3, 2.5), (2, 5)
+    assert _topk_margin(np.array([[1.0, 2.0]]), 2, -1) == float("inf")   # everything kept: nothing to tie
+    assert _topk_margin(np.array([[1.0, -np.inf, -np.inf]]), 2, -1) == float("inf")
+
+    class Pick(nn.Module):  # keeps the 5 pixels of the highest score; `tie` scores them all alike
+        def __init__(self, gain=1.0, tie=False):
+            super().__init__()
+            self.gain, self.tie = gain, tie
+
+        def forward(self, images):
+            flat = images.flatten(2)                                # [1, 3, P]
+            scores = flat.mean(1) * (0.0 if self.tie else 1.0)      # [1, P]
+            idx = scores.topk(5, dim=1).indices
+            return flat[:, :, idx[0]].sum(-1) * self.gain
+
+    def onnx_of(m):
+        buf = io.BytesIO()
+        torch.onnx.export(m.eval(), (torch.randn(1, 3, 8, 8),), buf, dynamo=False, opset_version=17)
+        return buf.getvalue()
+
+    assert check_export(Pick(), onnx_of(Pick()), 8)["max_abs_diff"] < 1e-6
+    with pytest.raises(ExportError, match="decisive"):  # a graph that computes something else
+        check_export(Pick(gain=2.0), onnx_of(Pick()), 8)
+    tied = check_export(Pick(gain=2.0, tie=True), onnx_of(Pick(tie=True)), 8)  # nothing can be told apart
+    assert "max_abs_diff" not in tied and "nearly tie" in tied["check_inconclusive"]

@@ -98,6 +98,8 @@ def export(checkpoint, out, kept, opset, no_check):
     s = export_onnx(checkpoint, out, kept=parse_ints(kept, "kept"), opset=opset, check=not no_check)
     extra = f", onnxruntime max |diff| {s['max_abs_diff']:.2g}" if "max_abs_diff" in s else ""
     click.echo(f"wrote {s['path']} (kept {s['kept']} at locations {s['locations']}{extra})")
+    if "check_inconclusive" in s:
+        click.echo(f"warning: onnxruntime-vs-torch check inconclusive: {s['check_inconclusive']}", err=True)
 
 
 @click.group("latprof-train")

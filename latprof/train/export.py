@@ -50,23 +50,77 @@ def export_onnx(checkpoint, out, kept=None, opset: int = 17, check: bool = True)
     c = ckpt["config"]
     trained = dict(model=c["model"], kept=list(kept), locations=locations, img_size=size, budget_ms=c.get("budget_ms"),
                    lut=c.get("lut"), trained_kept=list(c["kept"]), model_kwargs=c.get("model_kwargs") or {})
-    write_export(out, fold_shapes(buf.getvalue()), trained)
+    data = fold_shapes(buf.getvalue())
     summary = dict(path=str(out), kept=list(kept), locations=locations, img_size=size)
     if check:
-        try:
-            import onnxruntime as ort
-        except ImportError:
-            return summary
-        sess = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
-        with torch.no_grad():
-            ref = static(example).numpy()
-        got = sess.run(None, {"images": example.numpy()})[0]
-        diff = float(abs(ref - got).max())
-        if diff > 1e-3:
-            raise ExportError(f"onnxruntime disagrees with torch by {diff:.3g}", "report it with the checkpoint")
-        summary["max_abs_diff"] = diff
+        summary.update(check_export(static, data, size))
+    write_export(out, data, trained)  # after the check: a failed export writes nothing
     return summary
 
+
+CHECK_ATOL = 1e-3  # on logits
+TIE_MARGIN = 1e-4  # a top-k score gap this small may be ordered differently by two runtimes' rounding
+CHECK_INPUTS = 4
+
+
+def check_export(static, data: bytes, size: int) -> dict:
+    """Compare onnxruntime's logits with torch's on random images (when onnxruntime is installed).
+
+    A disagreement is an error only on an input where every top-k selection is decisive. Where selector
+    scores nearly tie at the boundary (an early checkpoint's near-uniform selector), the runtimes may keep
+    different tokens and both be right; such an input is set aside and another drawn."""
+    torch = require("torch", "train")
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        return {}
+    import numpy as np
+
+    probe, scores = _with_topk_scores(data)
+    sess = ort.InferenceSession(probe, providers=["CPUExecutionProvider"])
+    gen = torch.Generator().manual_seed(0)
+    margins = []
+    for _ in range(CHECK_INPUTS):
+        x = torch.randn(1, 3, size, size, generator=gen)
+        with torch.no_grad():
+            ref = static(x).numpy()
+        got, *topk = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})
+        diff = float(np.abs(ref - got).max())
+        if diff <= CHECK_ATOL:
+            return {"max_abs_diff": diff}
+        margin = min((_topk_margin(s, int(np.asarray(k).ravel()[0]), axis) for (s, k), axis in zip(
+            zip(topk[0::2], topk[1::2]), scores)), default=float("inf"))
+        if margin > TIE_MARGIN:
+            raise ExportError(f"onnxruntime disagrees with torch by {diff:.3g} on an input whose top-k selections "
+                              f"are decisive (score margin {margin:.2g})", "report it with the checkpoint")
+        margins.append(margin)
+    return {"check_inconclusive": f"on {CHECK_INPUTS} random images the selector scores nearly tie at a top-k "
+                                  f"boundary (margin down to {min(margins):.1g}), where the runtimes may keep "
+                                  f"different tokens; logits were not compared"}
+
+
+def _with_topk_scores(data: bytes) -> tuple[bytes, list[int]]:
+    """The model with every TopK's scores and k as extra outputs (after the logits), and each TopK's axis."""
+    import onnx
+
+    model = onnx.load_from_string(data)
+    axes = []
+    for node in model.graph.node:
+        if node.op_type == "TopK":
+            model.graph.output.extend(onnx.ValueInfoProto(name=n) for n in node.input[:2])
+            axes.append(next((a.i for a in node.attribute if a.name == "axis"), -1))
+    return model.SerializeToString(), axes
+
+
+def _topk_margin(scores, k: int, axis: int) -> float:
+    """The smallest gap between the k-th and (k+1)-th largest score along `axis` (inf when all are kept)."""
+    import numpy as np
+
+    if k >= scores.shape[axis]:
+        return float("inf")
+    top = -np.sort(-scores, axis=axis)
+    gap = np.take(top, k - 1, axis=axis) - np.take(top, k, axis=axis)
+    return float(np.min(np.nan_to_num(gap, nan=np.inf)))  # nan: masked (-inf) scores on both sides
 
 
 def _deployed(model, kept):
