@@ -55,8 +55,8 @@ def evaluate(args, device, lut, res, table, threads, loads, tag: str = "") -> No
 
     wd = args.workdir.resolve()
     for stat in args.stats.split(","):
-        if overhead_path(lut).exists():
-            overhead_path(lut).unlink()
+        if overhead_path(lut, args.model).exists():
+            overhead_path(lut, args.model).unlink()
         t1 = time.time()
         cal = validate(device, args.model, lut, configs=args.cal_configs, seed=1, workdir=wd, calibrate=True, stat=stat,
                        plot=wd / f"calibration{tag}-{stat}.png", progress=False, echo=lambda *a: None)

@@ -84,7 +84,7 @@ def measure_export(device, onnx_path, lut=None, budget_ms: float | None = None, 
     workdir = Path(workdir or default_workdir())
     bars = bar_factory(progress)
     eng = table_engine(measured_table, cfg, spec, workdir)
-    overhead = read_overhead(lut, measured_table, parse_stat(stat) if stat else None) if use_overhead else None
+    overhead = read_overhead(lut, spec.name, measured_table, parse_stat(stat) if stat else None) if use_overhead else None
     stat = stat or (overhead.statistic if overhead else "median")  # default: the calibration's
     table = table_statistic(measured_table, stat)
     p = predict(table, spec.name, schedule, overhead)  # outside the table's range -> LutError before any compiling

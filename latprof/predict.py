@@ -178,7 +178,9 @@ def model_macs(spec, schedule: TokenSchedule | None = None) -> int:
 # -- overhead (non-additivity) ---------------------------------------------------------------------------
 @dataclass
 class Overhead:
-    """How end to end differs from the sum of units, for one table (engine, tuning, device, statistic)."""
+    """How end to end differs from the sum of units, for one model on one table (engine, tuning, device,
+    statistic). Per model: the whole model's cost over its units' differs by family (DeiT-T 1.13, PiT-S 1.22,
+    Swin-S 1.13-1.17 with tuned TVM here), and one device's table holds every model measured on it."""
 
     per_call_ms: float = 0.0        # engine call cost measured with a trivial graph on the device
     scale: float = 1.0              # median of measured / (sum - (calls - 1) * per_call) over calibration
@@ -186,6 +188,7 @@ class Overhead:
     spread: float = 0.0             # median absolute deviation of that ratio: the model's own noise
     n_configs: int = 0
     statistic: str = "median"       # the sample statistic the table and the calibration were read with
+    model: str = ""
     device: str = ""
     engine: str = ""
     tuning: str = ""
@@ -201,20 +204,35 @@ class Overhead:
         return self.apply(sum_ms, calls) - sum_ms
 
 
-def overhead_path(lut_path: str | Path) -> Path:
+def overhead_path(lut_path: str | Path, model: str) -> Path:
+    """Where `latprof validate --calibrate` keeps a table's calibration for one model."""
+    p = Path(lut_path)
+    return p.with_name(f"{p.stem}.{model}.overhead.json")
+
+
+def _unkeyed_path(lut_path: str | Path) -> Path:  # written before calibrations were kept per model
     p = Path(lut_path)
     return p.with_name(p.stem + ".overhead.json")
 
 
-def read_overhead(lut_path: str | Path, table=None, statistic: str | None = None) -> Overhead | None:
-    path = overhead_path(lut_path)
+def read_overhead(lut_path: str | Path, model: str, table=None, statistic: str | None = None) -> Overhead | None:
+    """The table's calibration for `model`, or None. An older sidecar without a model is taken only for
+    a table that holds that one model (it can only have been calibrated on it)."""
+    path = overhead_path(lut_path, model)
     if not path.exists():
-        return None
+        path = _unkeyed_path(lut_path)
+        if not path.exists():
+            return None
+        models = table.models if table is not None else [model]
+        if models != [model]:
+            raise LutError(f"{path} is a calibration of one of {', '.join(models)} (written before they were "
+                           f"kept per model)", f"delete it and recalibrate: `latprof validate --calibrate --model {model}`")
     try:
         data = json.loads(path.read_text())
         if data.get("schema") != OVERHEAD_SCHEMA:
             raise ValueError(f"schema {data.get('schema')}")
         oh = Overhead(**{k: v for k, v in data.items() if k in Overhead.__dataclass_fields__})
+        oh.model = oh.model or model
     except (ValueError, TypeError) as exc:
         raise LutError(f"{path}: unreadable overhead sidecar ({exc})",
                        "delete it and recalibrate with `latprof validate --calibrate`") from None
@@ -229,10 +247,10 @@ def read_overhead(lut_path: str | Path, table=None, statistic: str | None = None
     return oh
 
 
-def calibrated(lut_path: str | Path, table):
-    """The table read with its calibration's statistic, and the calibration (None without a sidecar):
+def calibrated(lut_path: str | Path, table, model: str):
+    """The table read with its calibration's statistic, and the model's calibration (None without one):
     what a budget on the corrected prediction is checked against."""
-    oh = read_overhead(lut_path, table)
+    oh = read_overhead(lut_path, model, table)
     return (table_statistic(table, oh.statistic) if oh else table), oh
 
 
@@ -247,8 +265,10 @@ def budget_on_sum(budget_ms: float, overhead: Overhead | None, calls: int) -> fl
 def write_overhead(lut_path: str | Path, oh: Overhead) -> Path:
     from latprof.lut.table import atomic_write_text
 
+    if not oh.model:
+        raise ValueError("a calibration names its model")
     oh.created = oh.created or _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-    path = overhead_path(lut_path)
+    path = overhead_path(lut_path, oh.model)
     atomic_write_text(path, json.dumps(asdict(oh), indent=1, sort_keys=True) + "\n")
     return path
 

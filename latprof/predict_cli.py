@@ -33,7 +33,7 @@ def predict(lut, model, keep, tokens, engine, no_overhead, brief, stat):
     table = read_lut(lut)
     if engine:
         table = table.for_engine(engine)
-    overhead = None if no_overhead else read_overhead(lut, table, parse_stat(stat) if stat else None)
+    overhead = None if no_overhead else read_overhead(lut, model, table, parse_stat(stat) if stat else None)
     stat = stat or (overhead.statistic if overhead else "median")
     p = run(table_statistic(table, stat), model, schedule, overhead)
     if stat != "median":
@@ -90,7 +90,7 @@ def validate(device, model, lut, onnx_path, budget, configs, seed, calibrate, st
     if calibrate and result.overhead is not None:
         from latprof.predict import overhead_path
 
-        click.echo(f"calibration written to {overhead_path(lut)} (in-sample figures above; validate with another --seed)")
+        click.echo(f"calibration written to {overhead_path(lut, model)} (in-sample figures above; validate with another --seed)")
     click.echo(f"results in {result.results_path}" + (f", plot {result.plot_path}" if result.plot_path else ""))
 
 
@@ -140,7 +140,7 @@ def solve(lut, model, budget, engine, every_count):
     table = read_lut(lut)
     if engine:
         table = table.for_engine(engine)
-    table, overhead = calibrated(lut, table)
+    table, overhead = calibrated(lut, table, model)
     calls = len(spec.units)
     sum_budget = budget_on_sum(ms, overhead, calls)
 

@@ -19,7 +19,7 @@ keyed by (table, engine, tuning, kept): a rerun skips what is there (resumable).
 Non-additivity (see `latprof.predict.Overhead`): `calibrate=True` measures the engine's per-call cost
 with a trivial graph on the device (one [1, 17, D] tensor plus a constant: nothing to compute),
 interleaved with the calibration schedules, fits the scale (median of measured / call-corrected sum)
-and writes both into the table's sidecar `<table>.overhead.json`, which `predict` applies from then
+and writes both into the table's sidecar for the model, `<table>.<model>.overhead.json`, which `predict` applies from then
 on. Calibrate and validate with different seeds so the reported fidelity is out of sample.
 
 `stat` reads the table and the end-to-end samples with the same statistic: ``median`` (default), or a
@@ -345,7 +345,7 @@ def validate(device, model: str, lut, configs: int = 20, seed: int = 0, workdir=
     bars = bar_factory(progress)
     eng = table_engine(table, cfg, spec, workdir)
     tuning = eng.tuning_label()
-    overhead = read_overhead(lut_path, table, parse_stat(stat)) if (lut_path and use_overhead and not calibrate) else None
+    overhead = read_overhead(lut_path, model, table, parse_stat(stat)) if (lut_path and use_overhead and not calibrate) else None
     measured_table = table
     table = table_statistic(table, stat)
 
@@ -421,7 +421,7 @@ def validate(device, model: str, lut, configs: int = 20, seed: int = 0, workdir=
         ratios = [c.corrected_ms / (c.sum_ms - (calls - 1) * per_call) for c in results]
         scale = statistics.median(ratios)
         overhead = Overhead(per_call_ms=per_call, scale=scale, spread=statistics.median(abs(r - scale) for r in ratios),
-                            n_configs=len(results), statistic=stat, device=cfg.name, engine=eng.name, tuning=tuning,
+                            n_configs=len(results), statistic=stat, model=model, device=cfg.name, engine=eng.name, tuning=tuning,
                             table=str(lut_path or ""))
         if lut_path:
             write_overhead(lut_path, overhead)

@@ -337,7 +337,7 @@ def test_solve_cli_meets_the_budget_with_and_without_the_overhead_sidecar(tmp_pa
         out = CliRunner().invoke(main, ["solve", "--lut", str(path), "--model", model, "--budget", f"{budget}ms"])
         assert out.exit_code == 0 and float(out.output.split("predicted latency ")[1].split(" ms")[0]) <= budget
         # with a sidecar the corrected prediction, not the plain sum, meets the budget
-        write_overhead(path, Overhead(per_call_ms=0.001, scale=1.2, n_configs=3, engine=table.engine,
+        write_overhead(path, Overhead(per_call_ms=0.001, scale=1.2, n_configs=3, model=model, engine=table.engine,
                                      tuning=str(table.frame["tuning"].iloc[0])))
         budget *= 1.2  # feasible: the plain-sum schedule above, corrected
         out = CliRunner().invoke(main, ["solve", "--lut", str(path), "--model", model, "--budget", f"{budget}ms"])

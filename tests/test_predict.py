@@ -165,21 +165,56 @@ def test_overhead_sidecar_roundtrip_and_correction(tmp_path):
     lut = tmp_path / "dev.csv"
     write_lut(t, lut)
     t = read_lut(lut)
-    assert read_overhead(lut, t) is None
-    write_overhead(lut, Overhead(per_call_ms=0.01, scale=1.1, residual_ms=0.05, engine="tvm", tuning="untuned"))
-    assert overhead_path(lut).name == "dev.overhead.json"
-    oh = read_overhead(lut, t)
+    assert read_overhead(lut, "deit_t", t) is None
+    write_overhead(lut, Overhead(per_call_ms=0.01, scale=1.1, residual_ms=0.05, model="deit_t", engine="tvm",
+                                 tuning="untuned"))
+    assert overhead_path(lut, "deit_t").name == "dev.deit_t.overhead.json"
+    oh = read_overhead(lut, "deit_t", t)
     p = predict(t, "deit_t", parse_keep("0.7,0.49,0.343", SPEC), oh)
     assert p.total_ms == pytest.approx(1.1 * (p.sum_ms - 19 * 0.01) + 0.05)
     assert p.ci_low_ms < p.total_ms < p.ci_high_ms and p.q1_ms < p.total_ms < p.q3_ms
     with pytest.raises(LutError, match="calibrated with --stat median, not min"):
-        read_overhead(lut, t, "min")
-    write_overhead(lut, Overhead(per_call_ms=0.01, engine="onnxruntime", tuning="none"))
+        read_overhead(lut, "deit_t", t, "min")
+    write_overhead(lut, Overhead(per_call_ms=0.01, model="deit_t", engine="onnxruntime", tuning="none"))
     with pytest.raises(LutError, match="calibrated for onnxruntime/none"):
-        read_overhead(lut, t)
-    overhead_path(lut).write_text("{not json")
+        read_overhead(lut, "deit_t", t)
+    overhead_path(lut, "deit_t").write_text("{not json")
     with pytest.raises(LutError, match="unreadable overhead sidecar"):
-        read_overhead(lut, t)
+        read_overhead(lut, "deit_t", t)
+
+
+def test_a_calibration_is_one_models(tmp_path):
+    """One device's table holds every model measured on it; each model's end to end relates to its units
+    by its own scale, so a calibration of one is never applied to another."""
+    import json
+
+    import pandas as pd
+
+    from latprof.lut.table import LutTable
+
+    deit = table()
+    other = deit.frame.assign(model="vit_x")
+    both = LutTable(pd.concat([deit.frame, other], ignore_index=True), deit.provenance)
+    lut = tmp_path / "dev.csv"
+    write_lut(both, lut)
+    t = read_lut(lut)
+    write_overhead(lut, Overhead(per_call_ms=0.01, scale=1.3, model="deit_t", engine="tvm", tuning="untuned"))
+    assert read_overhead(lut, "deit_t", t).scale == 1.3
+    assert read_overhead(lut, "vit_x", t) is None  # not calibrated: the plain sum, said as such
+    with pytest.raises(ValueError):
+        write_overhead(lut, Overhead(scale=1.3))
+    # a sidecar from before calibrations were per model: taken for a one-model table, refused for a shared one
+    unkeyed = lut.with_name("dev.overhead.json")
+    overhead_path(lut, "deit_t").rename(unkeyed)
+    with pytest.raises(LutError, match="recalibrate"):
+        read_overhead(lut, "deit_t", t)
+    single = tmp_path / "one.csv"
+    write_lut(deit, single)
+    data = json.loads(unkeyed.read_text())
+    del data["model"]
+    single.with_name("one.overhead.json").write_text(json.dumps(data))
+    oh = read_overhead(single, "deit_t", read_lut(single))
+    assert oh.scale == 1.3 and oh.model == "deit_t"
 
 
 def test_table_statistic_reads_raw_samples():

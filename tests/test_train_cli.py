@@ -124,7 +124,7 @@ def test_a_calibrated_tables_budget_is_on_the_corrected_prediction(workdir, tmp_
     table = synthetic_table("deit_t", depth=4, patches=16, selectors=True)
     write_lut(table, lut)
     t = read_lut(lut)
-    write_overhead(lut, Overhead(per_call_ms=0.001, scale=1.5, engine=t.engine, tuning=str(t.frame["tuning"].iloc[0])))
+    write_overhead(lut, Overhead(per_call_ms=0.001, scale=1.5, model="deit_t", engine=t.engine, tuning=str(t.frame["tuning"].iloc[0])))
     calls = len(get_model("deit_t").units)
     def args(out, budget):
         a = base_args(workdir, out, budget=budget) + ["--random-init", "--epochs", "1", "--max-steps", "1"]

@@ -83,7 +83,7 @@ def test_end_to_end_validation_onnxruntime(workdir, tmp_path):
     # calibration writes the sidecar that predictions then use
     cal = validate(str(cfg), "deit_t", lut, configs=2, seed=1, calibrate=True, progress=False, echo=lambda *a: None,
                    stat="min")
-    oh = read_overhead(lut, table)
+    oh = read_overhead(lut, "deit_t", table)
     assert oh is not None and oh.n_configs == 2 and 0 < oh.per_call_ms < 1.0 and oh.statistic == "min"
     assert 0.5 < oh.scale < 3.0
     for c in cal.configs:  # in sample, the calibrated prediction sits within the fitted ratios' spread

@@ -143,7 +143,7 @@ def run(cfg: TrainConfig, log=print) -> dict:
     if cfg.engine:
         table = table.for_engine(cfg.engine)
     # a calibrated table's budget is on the corrected prediction, as in `latprof solve` and `predict`
-    table, overhead = calibrated(cfg.lut, table)
+    table, overhead = calibrated(cfg.lut, table, cfg.model)
     calls = len(spec.units)
     sum_budget = budget_on_sum(cfg.budget_ms, overhead, calls)
     if staged:
@@ -164,7 +164,7 @@ def run(cfg: TrainConfig, log=print) -> dict:
 
     predicted_ms = corrected(target.latency_ms)
     say(f"schedule for {cfg.budget_ms:g} ms: kept patches {list(target.kept)} of {patches}, predicted {predicted_ms:.4g} ms"
-        + (f" (sum of units {target.latency_ms:.4g} ms, overhead-corrected by {overhead_path(cfg.lut).name})" if overhead else "")
+        + (f" (sum of units {target.latency_ms:.4g} ms, overhead-corrected by {overhead_path(cfg.lut, cfg.model).name})" if overhead else "")
         + f" (fastest sum of units {target.fastest_ms:.4g} ms)")
     model = model.to(device)
     teacher = None
