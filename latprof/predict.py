@@ -48,13 +48,14 @@ OVERHEAD_SCHEMA = 1
 def parse_keep(text: str, spec) -> TokenSchedule:
     """`0.7,0.49,0.343` (cumulative keep ratios, one per pruning location) -> a TokenSchedule."""
     locations = tuple(spec.pruning_locations)
+    example = "--keep " + ",".join(f"{0.7 ** (i + 1):.3g}" for i in range(len(locations)))  # one per location
     try:
         ratios = [float(v) for v in str(text).split(",") if v.strip()]
     except ValueError:
-        raise UsageError(f"bad keep ratios '{text}'", "give comma-separated numbers, e.g. --keep 0.7,0.49,0.343") from None
+        raise UsageError(f"bad keep ratios '{text}'", f"give comma-separated numbers, e.g. {example}") from None
     if len(ratios) != len(locations):
         raise UsageError(f"{len(ratios)} keep ratios for {len(locations)} pruning locations (before blocks "
-                         f"{', '.join(map(str, locations))}) of {spec.name}", "give one ratio per location, e.g. --keep 0.7,0.49,0.343")
+                         f"{', '.join(map(str, locations))}) of {spec.name}", f"give one ratio per location, e.g. {example}")
     for r in ratios:
         if not (0 < r <= 1) or math.isnan(r):
             raise UsageError(f"keep ratio {r:g} is outside (0, 1]", "ratios are cumulative shares of the patch tokens, e.g. 0.7,0.49,0.343")
