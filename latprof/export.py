@@ -19,6 +19,7 @@ from latprof.errors import ExportError, require
 
 OPSET = 17
 TOLERANCE = 1e-3  # max abs error ORT vs torch, fp32
+TIE_MARGIN = 1e-4  # a top-k score gap this small may be ordered differently by two runtimes' rounding
 
 
 @dataclass(frozen=True)
@@ -74,3 +75,33 @@ def export_unit(module, input_shape: tuple, out_dir: Path, model: str, shared: s
         raise ExportError(f"{model}/{shared} at N={tokens}: onnxruntime differs from torch by {err:.2e} (tolerance {TOLERANCE})",
                           "the exported graph is wrong; report it with the ONNX file " + str(path))
     return Graph(model, shared, tokens, path, digest, tuple(input_shape), err)
+
+
+def topk_margin(data: bytes, x: np.ndarray) -> float:
+    """The smallest gap, over the graph's TopK nodes on input `x` (per onnxruntime), between the k-th and
+    (k+1)-th largest score; inf without a TopK. Where it is below TIE_MARGIN, two correct runtimes may
+    keep different tokens (a near-uniform selector's scores), so their outputs cannot be compared; the
+    static shapes, and the latency, are the same either way."""
+    import onnx
+
+    ort = require("onnxruntime", "models")
+    model = onnx.load_from_string(data)
+    first, axes = len(model.graph.output), []
+    for node in model.graph.node:
+        if node.op_type == "TopK":
+            model.graph.output.extend(onnx.ValueInfoProto(name=n) for n in node.input[:2])
+            axes.append(next((a.i for a in node.attribute if a.name == "axis"), -1))
+    if not axes:
+        return float("inf")
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    outs = sess.run(None, {sess.get_inputs()[0].name: x})[first:]  # each TopK's scores and k
+    return min(_gap(s, int(np.asarray(k).ravel()[0]), axis) for (s, k), axis in zip(zip(outs[0::2], outs[1::2]), axes))
+
+
+def _gap(scores: np.ndarray, k: int, axis: int) -> float:
+    """The smallest gap between the k-th and (k+1)-th largest score along `axis` (inf when all are kept)."""
+    if k >= scores.shape[axis]:
+        return float("inf")
+    top = -np.sort(-scores, axis=axis)
+    gap = np.take(top, k - 1, axis=axis) - np.take(top, k, axis=axis)
+    return float(np.min(np.nan_to_num(gap, nan=np.inf)))  # nan: masked (-inf) scores on both sides

@@ -117,18 +117,20 @@ def test_fold_shapes_replaces_shape_arithmetic_and_keeps_the_compute(tmp_path):
     assert np.array_equal(run(raw), run(out))
 
 
-def test_the_export_check_tells_a_wrong_graph_from_a_top_k_tie():
+def test_output_checks_tell_a_wrong_graph_from_a_top_k_tie():
+    """`export`'s onnxruntime-vs-torch check and the engines' device-vs-onnxruntime check (`topk_margin`)."""
     import io
 
     from torch import nn
 
     from latprof.errors import ExportError
-    from latprof.train.export import _topk_margin, check_export
+    from latprof.export import _gap, topk_margin
+    from latprof.train.export import check_export
 
-    assert _topk_margin(np.array([[3.0, 1.0, 2.0]]), 1, -1) == 1.0       # 3 kept, 2 dropped
-    assert _topk_margin(np.array([[3.0, 2.0], [2.5, 5.0]]), 1, 0) == 0.5  # along axis 0: columns (3, 2.5), (2, 5)
-    assert _topk_margin(np.array([[1.0, 2.0]]), 2, -1) == float("inf")   # everything kept: nothing to tie
-    assert _topk_margin(np.array([[1.0, -np.inf, -np.inf]]), 2, -1) == float("inf")
+    assert _gap(np.array([[3.0, 1.0, 2.0]]), 1, -1) == 1.0       # 3 kept, 2 dropped
+    assert _gap(np.array([[3.0, 2.0], [2.5, 5.0]]), 1, 0) == 0.5  # along axis 0: columns (3, 2.5), (2, 5)
+    assert _gap(np.array([[1.0, 2.0]]), 2, -1) == float("inf")   # everything kept: nothing to tie
+    assert _gap(np.array([[1.0, -np.inf, -np.inf]]), 2, -1) == float("inf")
 
     class Pick(nn.Module):  # keeps the 5 pixels of the highest score; `tie` scores them all alike
         def __init__(self, gain=1.0, tie=False):
@@ -146,6 +148,9 @@ def test_the_export_check_tells_a_wrong_graph_from_a_top_k_tie():
         torch.onnx.export(m.eval(), (torch.randn(1, 3, 8, 8),), buf, dynamo=False, opset_version=17)
         return buf.getvalue()
 
+    x = np.random.default_rng(0).standard_normal((1, 3, 8, 8)).astype(np.float32)
+    assert topk_margin(onnx_of(Pick(tie=True)), x) == 0.0 < topk_margin(onnx_of(Pick()), x)
+    assert topk_margin(onnx_of(nn.Flatten()), x) == float("inf")  # no TopK: nothing can tie
     assert check_export(Pick(), onnx_of(Pick()), 8)["max_abs_diff"] < 1e-6
     with pytest.raises(ExportError, match="decisive"):  # a graph that computes something else
         check_export(Pick(gain=2.0), onnx_of(Pick()), 8)

@@ -466,6 +466,19 @@ def test_latprof_train_runs_spvit_on_hierarchical_models(model, tmp_path, one_to
 
     assert read_export(tmp_path / "m.onnx")["kept"] == list(sched["kept"])
     tvmlib.import_onnx(tmp_path / "m.onnx")  # shapes folded: TVM's importer needs them static
+    # the export computes what the trained model computes (Swin's is built as `validate` builds it)
+    import onnxruntime as ort
+    import torch
+
+    from latprof.train.trainer import build_from_checkpoint
+    from latprof.train.weights import load_checkpoint
+
+    trained = build_from_checkpoint(load_checkpoint(tmp_path / "decisive.pt")).eval()
+    images = torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        want = trained(images, mode="topk", kept=tuple(sched["kept"])).logits.numpy()
+    got = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"]).run(None, {"images": images.numpy()})[0]
+    assert np.abs(got - want).max() < 1e-3
 
 
 def test_tuning_anchors_follow_each_units_range():

@@ -97,13 +97,17 @@ class StaticSwin(nn.Module):
     location) every block processes, in each of its windows, the k tokens the location's selector scored
     highest there; the others bypass the block and keep their place in the grid."""
 
-    def __init__(self, swin, layout, kept):
+    def __init__(self, swin, layout, kept, selectors=None):
         super().__init__()
         self.swin, self.layout, self.kept = swin, layout, tuple(kept)
-        self.selectors = location_selectors(layout)
+        # trained selectors choose the tokens; random ones (validation) get a rank key so every runtime
+        # keeps the same tokens
+        self.selectors = selectors if selectors is not None else location_selectors(layout)
+        self.ranked = selectors is None
         for s in range(len(kept)):
             stage = layout.stages[layout.location_stage(s)]
-            self.register_buffer(f"rank_{s}", rank_key(stage.patches, s).reshape(1, stage.grid, stage.grid, 1))
+            if self.ranked:
+                self.register_buffer(f"rank_{s}", rank_key(stage.patches, s).reshape(1, stage.grid, stage.grid, 1))
         area = WINDOW * WINDOW
         self.downsample = nn.ModuleList(
             Downsample(swin.layers[i].downsample, layout.stages[i - 1].grid, layout.stages[i - 1].dim)
@@ -150,7 +154,7 @@ class StaticSwin(nn.Module):
                     tokens = x.reshape(1, stage.patches, stage.dim)
                     scores = self.selectors[s](tokens, tokens.new_ones(1, stage.patches))
                     odds = (scores[..., 0] - scores[..., 1]).reshape(1, stage.grid, stage.grid, 1)
-                    score = odds + getattr(self, f"rank_{s}")  # no near-ties across runtimes (pit_nn.rank_key)
+                    score = odds + getattr(self, f"rank_{s}") if self.ranked else odds  # pit_nn.rank_key
                 if score is None or k == stage.window:
                     x = self._dense_block(st, j, blk, x, stage.grid)
                 else:

@@ -30,7 +30,12 @@ def export_onnx(checkpoint, out, kept=None, opset: int = 17, check: bool = True)
             m.fused_attn = False  # the TorchScript ONNX exporter has no fused SDPA; the math is the same
     if hasattr(model, "layout"):  # PiT, Swin (latprof.train.staged)
         model.layout.schedule(kept)  # validates
-        static = _deployed(model, kept)
+        if model.layout.family == "swin":  # the graph the table's units and `validate` measure (StaticSwin)
+            from latprof.models.swin_nn import StaticSwin
+
+            static = StaticSwin(model.backbone, model.layout, kept, selectors=model.selectors).eval()
+        else:
+            static = _deployed(model, kept)
         locations = list(model.layout.locations)
     else:
         TokenSchedule(model.patches, model.locations, kept, len(model.vit.blocks))  # validates
