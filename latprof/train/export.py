@@ -64,7 +64,6 @@ def export_onnx(checkpoint, out, kept=None, opset: int = 17, check: bool = True)
 
 
 CHECK_ATOL = 1e-3  # on logits
-TIE_MARGIN = 1e-4  # a top-k score gap this small may be ordered differently by two runtimes' rounding
 CHECK_INPUTS = 4
 
 
@@ -81,20 +80,20 @@ def check_export(static, data: bytes, size: int) -> dict:
         return {}
     import numpy as np
 
-    probe, scores = _with_topk_scores(data)
-    sess = ort.InferenceSession(probe, providers=["CPUExecutionProvider"])
+    from latprof.export import TIE_MARGIN, topk_margin
+
+    sess = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
     gen = torch.Generator().manual_seed(0)
     margins = []
     for _ in range(CHECK_INPUTS):
         x = torch.randn(1, 3, size, size, generator=gen)
         with torch.no_grad():
             ref = static(x).numpy()
-        got, *topk = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})
+        got = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
         diff = float(np.abs(ref - got).max())
         if diff <= CHECK_ATOL:
             return {"max_abs_diff": diff}
-        margin = min((_topk_margin(s, int(np.asarray(k).ravel()[0]), axis) for (s, k), axis in zip(
-            zip(topk[0::2], topk[1::2]), scores)), default=float("inf"))
+        margin = topk_margin(data, x.numpy())
         if margin > TIE_MARGIN:
             raise ExportError(f"onnxruntime disagrees with torch by {diff:.3g} on an input whose top-k selections "
                               f"are decisive (score margin {margin:.2g})", "report it with the checkpoint")
@@ -102,30 +101,6 @@ def check_export(static, data: bytes, size: int) -> dict:
     return {"check_inconclusive": f"on {CHECK_INPUTS} random images the selector scores nearly tie at a top-k "
                                   f"boundary (margin down to {min(margins):.1g}), where the runtimes may keep "
                                   f"different tokens; logits were not compared"}
-
-
-def _with_topk_scores(data: bytes) -> tuple[bytes, list[int]]:
-    """The model with every TopK's scores and k as extra outputs (after the logits), and each TopK's axis."""
-    import onnx
-
-    model = onnx.load_from_string(data)
-    axes = []
-    for node in model.graph.node:
-        if node.op_type == "TopK":
-            model.graph.output.extend(onnx.ValueInfoProto(name=n) for n in node.input[:2])
-            axes.append(next((a.i for a in node.attribute if a.name == "axis"), -1))
-    return model.SerializeToString(), axes
-
-
-def _topk_margin(scores, k: int, axis: int) -> float:
-    """The smallest gap between the k-th and (k+1)-th largest score along `axis` (inf when all are kept)."""
-    import numpy as np
-
-    if k >= scores.shape[axis]:
-        return float("inf")
-    top = -np.sort(-scores, axis=axis)
-    gap = np.take(top, k - 1, axis=axis) - np.take(top, k, axis=axis)
-    return float(np.min(np.nan_to_num(gap, nan=np.inf)))  # nan: masked (-inf) scores on both sides
 
 
 def _deployed(model, kept):
