@@ -103,7 +103,7 @@ def run(cfg: TrainConfig, log=print) -> dict:
     from latprof.train.data import image_folders
     from latprof.train.latency import LatencyModel
     from latprof.train.loss import LatencySparsityLoss
-    from latprof.predict import budget_on_sum, calibrated, overhead_path
+    from latprof.predict import budget_on_sum, calibrated
     from latprof.train.solver import solve, solve_calibrated, solve_staged
     from latprof.train.spvit import SPViT
     from latprof.train.staged import StagedSPViT
@@ -164,7 +164,7 @@ def run(cfg: TrainConfig, log=print) -> dict:
 
     predicted_ms = corrected(target.latency_ms)
     say(f"schedule for {cfg.budget_ms:g} ms: kept patches {list(target.kept)} of {patches}, predicted {predicted_ms:.4g} ms"
-        + (f" (sum of units {target.latency_ms:.4g} ms, overhead-corrected by {overhead_path(cfg.lut, cfg.model).name})" if overhead else "")
+        + (f" (sum of units {target.latency_ms:.4g} ms, corrected by the table's calibration for {cfg.model})" if overhead else "")
         + f" (fastest sum of units {target.fastest_ms:.4g} ms)")
     model = model.to(device)
     teacher = None
