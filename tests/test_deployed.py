@@ -1,6 +1,7 @@
 """Closing the loop: train against a real table, export, and time the export on the device against its
 budget (`latprof validate --onnx`)."""
 
+import dataclasses
 import json
 
 import numpy as np
@@ -15,6 +16,30 @@ from latprof.predict import parse_keep, predict, schedule_of
 from tests.conftest import decisive_selectors, write_config
 
 SPEC = get_model("deit_t")
+
+
+
+class Pick(torch.nn.Module):
+    """Keeps the 5 pixels of the highest score; `tie` scores them all alike (torch and onnxruntime then
+    keep different ones). `gain` makes a graph that computes something else."""
+
+    def __init__(self, gain=1.0, tie=False):
+        super().__init__()
+        self.gain, self.tie = gain, tie
+
+    def forward(self, images):
+        flat = images.flatten(2)                                # [1, 3, P]
+        scores = flat.mean(1) * (0.0 if self.tie else 1.0)      # [1, P]
+        idx = scores.topk(5, dim=1).indices
+        return flat[:, :, idx[0]].sum(-1) * self.gain
+
+
+def _onnx(module) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    torch.onnx.export(module.eval(), (torch.randn(1, 3, 8, 8),), buf, dynamo=False, opset_version=17, input_names=["x"])
+    return buf.getvalue()
 
 
 def _images(root):
@@ -119,10 +144,6 @@ def test_fold_shapes_replaces_shape_arithmetic_and_keeps_the_compute(tmp_path):
 
 def test_output_checks_tell_a_wrong_graph_from_a_top_k_tie():
     """`export`'s onnxruntime-vs-torch check and the engines' device-vs-onnxruntime check (`topk_margin`)."""
-    import io
-
-    from torch import nn
-
     from latprof.errors import ExportError
     from latprof.export import _gap, topk_margin
     from latprof.train.export import check_export
@@ -132,27 +153,45 @@ def test_output_checks_tell_a_wrong_graph_from_a_top_k_tie():
     assert _gap(np.array([[1.0, 2.0]]), 2, -1) == float("inf")   # everything kept: nothing to tie
     assert _gap(np.array([[1.0, -np.inf, -np.inf]]), 2, -1) == float("inf")
 
-    class Pick(nn.Module):  # keeps the 5 pixels of the highest score; `tie` scores them all alike
-        def __init__(self, gain=1.0, tie=False):
-            super().__init__()
-            self.gain, self.tie = gain, tie
-
-        def forward(self, images):
-            flat = images.flatten(2)                                # [1, 3, P]
-            scores = flat.mean(1) * (0.0 if self.tie else 1.0)      # [1, P]
-            idx = scores.topk(5, dim=1).indices
-            return flat[:, :, idx[0]].sum(-1) * self.gain
-
-    def onnx_of(m):
-        buf = io.BytesIO()
-        torch.onnx.export(m.eval(), (torch.randn(1, 3, 8, 8),), buf, dynamo=False, opset_version=17)
-        return buf.getvalue()
-
     x = np.random.default_rng(0).standard_normal((1, 3, 8, 8)).astype(np.float32)
-    assert topk_margin(onnx_of(Pick(tie=True)), x) == 0.0 < topk_margin(onnx_of(Pick()), x)
-    assert topk_margin(onnx_of(nn.Flatten()), x) == float("inf")  # no TopK: nothing can tie
-    assert check_export(Pick(), onnx_of(Pick()), 8)["max_abs_diff"] < 1e-6
+    assert topk_margin(_onnx(Pick(tie=True)), x) == 0.0 < topk_margin(_onnx(Pick()), x)
+    assert topk_margin(_onnx(torch.nn.Flatten()), x) == float("inf")  # no TopK: nothing can tie
+    assert check_export(Pick(), _onnx(Pick()), 8)["max_abs_diff"] < 1e-6
     with pytest.raises(ExportError, match="decisive"):  # a graph that computes something else
-        check_export(Pick(gain=2.0), onnx_of(Pick()), 8)
-    tied = check_export(Pick(gain=2.0, tie=True), onnx_of(Pick(tie=True)), 8)  # nothing can be told apart
+        check_export(Pick(gain=2.0), _onnx(Pick()), 8)
+    tied = check_export(Pick(gain=2.0, tie=True), _onnx(Pick(tie=True)), 8)  # nothing can be told apart
     assert "max_abs_diff" not in tied and "nearly tie" in tied["check_inconclusive"]
+
+
+def test_the_device_output_check_excuses_only_a_top_k_tie(workdir, tmp_path, one_torch_thread):
+    """TVM's output is compared with onnxruntime's on every measurement. A graph whose top-k scores tie
+    may keep other tokens on the device and still be right (the latency is the same: static shapes); one
+    whose scores are decisive and whose output differs is wrong. Here the 'reference' ONNX is a graph that
+    computes twice the compiled one, so the outputs differ in both cases."""
+    import hashlib
+
+    from latprof.devices import load_config, open_session
+    from latprof.errors import CompileError
+    from latprof.export import Graph
+    from latprof.measure.engines import get_engine
+    from latprof.progress import bar_factory
+
+    def graph(module, name):  # torch and onnxruntime break exact ties differently: no export_unit check
+        data = _onnx(module)
+        path = tmp_path / f"{name}.onnx"
+        path.write_bytes(data)
+        return Graph("pick", name, 64, path, hashlib.sha256(data).hexdigest()[:20], (1, 3, 8, 8), 0.0)
+
+    cfg = load_config(str(write_config(tmp_path / "dev.yaml")))
+    eng = get_engine("tvm", cfg, workdir)
+    with open_session(cfg) as session:
+        for tie in (True, False):
+            compiled, other = graph(Pick(tie=tie), f"pick-{tie}"), graph(Pick(gain=2.0, tie=tie), f"pick2-{tie}")
+            libs = eng.prepare([compiled], bar_factory(False), session=session)
+            wrong = dataclasses.replace(compiled, path=other.path)  # same input, another graph's output
+            if tie:
+                samples, err = eng.measure(session, wrong, libs[compiled.digest])
+                assert len(samples) == 5 and err > 1e-3
+            else:
+                with pytest.raises(CompileError, match="differs from onnxruntime"):
+                    eng.measure(session, wrong, libs[compiled.digest])
