@@ -77,11 +77,12 @@ def export_unit(module, input_shape: tuple, out_dir: Path, model: str, shared: s
     return Graph(model, shared, tokens, path, digest, tuple(input_shape), err)
 
 
-def topk_margin(data: bytes, x: np.ndarray) -> float:
-    """The smallest gap, over the graph's TopK nodes on input `x` (per onnxruntime), between the k-th and
-    (k+1)-th largest score; inf without a TopK. Where it is below TIE_MARGIN, two correct runtimes may
-    keep different tokens (a near-uniform selector's scores), so their outputs cannot be compared; the
-    static shapes, and the latency, are the same either way."""
+def topk_margin(data: bytes):
+    """A function of an input `x`: the smallest gap, over the graph's TopK nodes (per onnxruntime),
+    between the k-th and (k+1)-th largest score; inf without a TopK. Where it is below TIE_MARGIN, two
+    correct runtimes may keep different tokens (a near-uniform selector's scores), so their outputs
+    cannot be compared; the static shapes, and the latency, are the same either way. The probe session
+    is built once, for every input asked about."""
     import onnx
 
     ort = require("onnxruntime", "models")
@@ -92,10 +93,14 @@ def topk_margin(data: bytes, x: np.ndarray) -> float:
             model.graph.output.extend(onnx.ValueInfoProto(name=n) for n in node.input[:2])
             axes.append(next((a.i for a in node.attribute if a.name == "axis"), -1))
     if not axes:
-        return float("inf")
+        return lambda x: float("inf")
     sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-    outs = sess.run(None, {sess.get_inputs()[0].name: x})[first:]  # each TopK's scores and k
-    return min(_gap(s, int(np.asarray(k).ravel()[0]), axis) for (s, k), axis in zip(zip(outs[0::2], outs[1::2]), axes))
+
+    def margin(x: np.ndarray) -> float:
+        outs = sess.run(None, {sess.get_inputs()[0].name: x})[first:]  # each TopK's scores and k
+        return min(_gap(s, int(np.asarray(k).ravel()[0]), axis) for (s, k), axis in zip(zip(outs[0::2], outs[1::2]), axes))
+
+    return margin
 
 
 def _gap(scores: np.ndarray, k: int, axis: int) -> float:

@@ -18,7 +18,6 @@ from tests.conftest import decisive_selectors, write_config
 SPEC = get_model("deit_t")
 
 
-
 class Pick(torch.nn.Module):
     """Keeps the 5 pixels of the highest score; `tie` scores them all alike (torch and onnxruntime then
     keep different ones). `gain` makes a graph that computes something else."""
@@ -154,8 +153,8 @@ def test_output_checks_tell_a_wrong_graph_from_a_top_k_tie():
     assert _gap(np.array([[1.0, -np.inf, -np.inf]]), 2, -1) == float("inf")
 
     x = np.random.default_rng(0).standard_normal((1, 3, 8, 8)).astype(np.float32)
-    assert topk_margin(_onnx(Pick(tie=True)), x) == 0.0 < topk_margin(_onnx(Pick()), x)
-    assert topk_margin(_onnx(torch.nn.Flatten()), x) == float("inf")  # no TopK: nothing can tie
+    assert topk_margin(_onnx(Pick(tie=True)))(x) == 0.0 < topk_margin(_onnx(Pick()))(x)
+    assert topk_margin(_onnx(torch.nn.Flatten()))(x) == float("inf")  # no TopK: nothing can tie
     assert check_export(Pick(), _onnx(Pick()), 8)["max_abs_diff"] < 1e-6
     with pytest.raises(ExportError, match="decisive"):  # a graph that computes something else
         check_export(Pick(gain=2.0), _onnx(Pick()), 8)

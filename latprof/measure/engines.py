@@ -350,7 +350,7 @@ class TVMEngine:
             raise DeviceError(f"device '{self.cfg.name}' failed while measuring ({str(exc).splitlines()[-1][:160]})",
                               "check the device and run the same command again: measured points are kept and skipped") from None
         err = float(np.abs(out - reference_output(graph, x)).max())
-        if not np.isfinite(err) or (err > OUTPUT_TOLERANCE and topk_margin(graph.path.read_bytes(), x) > TIE_MARGIN):
+        if not np.isfinite(err) or (err > OUTPUT_TOLERANCE and topk_margin(graph.path.read_bytes())(x) > TIE_MARGIN):
             raise CompileError(f"{graph.model}/{graph.shared} at N={graph.tokens}: device output differs from onnxruntime by {err:.2e}",
                                "the compiled module is wrong; remove its tuning records or report it")
         return samples, err
