@@ -136,3 +136,28 @@ def test_bad_locations():
         SPViT(tiny_vit(), locations=(0, 2))
     with pytest.raises(ValueError):
         SPViT(tiny_vit(), locations=(1, 4))
+
+
+def test_confident_selector_scores_stay_distinct_and_exact():
+    """The selector's log-probabilities are the log of its head-weighted probabilities, computed in log
+    space. A confident selector (large weights) saturates its probabilities; clamped before the log, its
+    surest tokens all scored the same and top-k chose among them by the runtime's tie-breaking."""
+    torch.manual_seed(0)
+    sel = pruning.TokenSelector(192, 3).eval()
+    with torch.no_grad():
+        for w in (sel.w_in, sel.w1, sel.w2, sel.w3):
+            w.normal_(0.0, 1.0)
+    x = torch.randn(2, 197, 192)
+    scores = sel(x, torch.ones(2, 197))
+    assert torch.isfinite(scores).all()
+    assert torch.allclose(scores.exp().sum(-1), torch.ones(2, 197), atol=1e-5)
+    odds = scores[..., 0] - scores[..., 1]
+    assert (odds.abs() > 18.5).sum() > 50  # saturated: beyond what a clamp at 1e-8 lets through
+    assert all(row.unique().numel() == row.numel() for row in odds)  # no two tokens tie
+    # the same as the mixture of the heads' probabilities wherever that is representable
+    with torch.no_grad():
+        logits, head_logits = sel.logits(x, torch.ones(2, 197))
+        probs = (logits.softmax(-1) * head_logits.softmax(-1)[..., None]).sum(2)
+    fine = probs > 1e-6
+    assert fine.float().mean() > 0.3
+    assert torch.allclose(scores[fine], probs[fine].log(), atol=1e-4)

@@ -53,6 +53,13 @@ class TokenSelector(nn.Module):
 
     def forward(self, x: torch.Tensor, policy: torch.Tensor) -> torch.Tensor:
         """x [B, N, D], policy [B, N] -> log-probabilities [B, N, 2] (keep, drop)."""
+        logits, head_logits = self.logits(x, policy)
+        # log of the head-weighted probabilities, computed in log space: no clamp, so a confident
+        # selector's scores stay distinct (a clamp at 1e-8 made them tie exactly) and keep a gradient
+        return torch.logsumexp(logits.log_softmax(-1) + head_logits.log_softmax(-1)[..., None], dim=2)
+
+    def logits(self, x: torch.Tensor, policy: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-head keep/drop logits [B, N, H, 2] and the head-attention logits [B, N, H]."""
         B, N, _ = x.shape
         H, hd = self.num_heads, self.head_dim
         xh = self.norm(x.reshape(B, N, H, hd))
@@ -64,10 +71,7 @@ class TokenSelector(nn.Module):
         feat = torch.cat([local, glob.expand(B, N, H, hd - half)], dim=-1)
         h = F.gelu(torch.einsum("bnhc,hcd->bnhd", feat, self.w1) + self.b1)
         h = F.gelu(torch.einsum("bnhc,hcd->bnhd", h, self.w2) + self.b2)
-        head_probs = (torch.einsum("bnhc,hcd->bnhd", h, self.w3) + self.b3).softmax(-1)  # [B,N,H,2]
-        head_weight = self.head_attention(x).softmax(-1)                                  # [B,N,H]
-        probs = (head_probs * head_weight[..., None]).sum(2)                              # [B,N,2]
-        return probs.clamp_min(1e-8).log()
+        return torch.einsum("bnhc,hcd->bnhd", h, self.w3) + self.b3, self.head_attention(x)
 
 
 def gumbel_keep(scores: torch.Tensor, alive: torch.Tensor, tau: float = 1.0) -> torch.Tensor:
