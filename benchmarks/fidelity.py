@@ -59,10 +59,12 @@ def evaluate(args, device, lut, res, table, threads, loads, tag: str = "") -> No
             overhead_path(lut, args.model).unlink()
         t1 = time.time()
         cal = validate(device, args.model, lut, configs=args.cal_configs, seed=1, workdir=wd, calibrate=True, stat=stat,
-                       plot=wd / f"calibration{tag}-{stat}.png", progress=False, echo=lambda *a: None)
+                       plot=wd / f"calibration{tag}-{stat}.png", progress=False, echo=lambda *a: None,
+                       on_grid=args.on_grid)
         loads.append(os.getloadavg()[0])
         val = validate(device, args.model, lut, configs=args.configs, seed=0, workdir=wd, stat=stat,
-                       plot=wd / f"validation{tag}-{stat}.png", progress=False, echo=lambda *a: None)
+                       plot=wd / f"validation{tag}-{stat}.png", progress=False, echo=lambda *a: None,
+                       on_grid=args.on_grid)
         loads.append(os.getloadavg()[0])
         oh = cal.overhead
         print(f"\n== statistic {stat}: calibration ({args.cal_configs} schedules, seed 1) per-call cost "
@@ -92,6 +94,8 @@ def main(argv=None) -> int:
                     "default: the --device config's, 0 for the generated one)")
     ap.add_argument("--workdir", type=Path, default=Path("latprof-work-fidelity"))
     ap.add_argument("--stats", default="median,min", help="sample statistics to evaluate (the measurements are shared)")
+    ap.add_argument("--on-grid", action="store_true", help="schedules among the solver's kept counts (blocks at "
+                    "the table's token counts), as `train` picks them")
     ap.add_argument("--remeasure", action="store_true", help="then measure the table again and validate against it "
                     "at once (the table and the end-to-end figures minutes apart)")
     args = ap.parse_args(argv)

@@ -54,6 +54,8 @@ def predict(lut, model, keep, tokens, engine, no_overhead, brief, stat):
 @click.option("--budget", default=None, help="With --onnx: the budget to compare with (default: the one it was trained for).")
 @click.option("--configs", type=int, default=20, show_default=True, help="Random token schedules to validate.")
 @click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--on-grid", is_flag=True, help="Draw schedules among the kept counts solve and train choose from "
+                                             "(blocks at measured token counts: nothing interpolated or transferred).")
 @click.option("--calibrate", is_flag=True,
               help="Measure the per-call overhead, fit the scale and write <table>.overhead.json.")
 @click.option("--stat", default=None, help="Sample statistic for table and end to end: median (default), min, q10, q25; "
@@ -64,8 +66,8 @@ def predict(lut, model, keep, tokens, engine, no_overhead, brief, stat):
 @click.option("--workdir", type=click.Path(path_type=Path), default=None,
               help="The workdir the table was measured with (shares the tuning database).")
 @click.option("--quiet", "-q", is_flag=True)
-def validate(device, model, lut, onnx_path, budget, configs, seed, calibrate, stat, no_overhead, plot_out, workdir,
-             quiet):
+def validate(device, model, lut, onnx_path, budget, configs, seed, on_grid, calibrate, stat, no_overhead, plot_out,
+             workdir, quiet):
     """Build, compile and measure the whole pruned MODEL for random schedules; compare with the table.
     With --onnx, time one trained, exported model against its budget instead."""
     from latprof.measure.runner import default_workdir
@@ -85,7 +87,8 @@ def validate(device, model, lut, onnx_path, budget, configs, seed, calibrate, st
         out = None
         click.echo("matplotlib missing: no plot (pip install 'latprof[plot]')", err=True)
     result = run(device, model, lut, configs=configs, seed=seed, workdir=wd, calibrate=calibrate, plot=out,
-                 progress=not quiet, echo=click.echo, use_overhead=not no_overhead, stat=stat or "median")
+                 progress=not quiet, echo=click.echo, use_overhead=not no_overhead, stat=stat or "median",
+                 on_grid=on_grid)
     click.echo(format_validation(result))
     if calibrate and result.overhead is not None:
         from latprof.predict import overhead_path

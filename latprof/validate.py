@@ -137,11 +137,15 @@ class ValidationResult:
 
 
 # -- schedules ---------------------------------------------------------------------------------------
-def random_schedules(table, spec, count: int, seed: int = 0) -> list[TokenSchedule]:
+def random_schedules(table, spec, count: int, seed: int = 0, on_grid: bool = False) -> list[TokenSchedule]:
     """`count` distinct random non-increasing schedules whose every unit's N the table covers.
 
     Kept counts are drawn as three sorted uniform ratios over the feasible range, so schedules span
-    light to heavy pruning."""
+    light to heavy pruning. `on_grid`: drawn among the kept counts `solve` and `train` choose from,
+    whose blocks run at measured token counts (nothing interpolated; with tuned TVM, nothing to
+    transfer to new counts)."""
+    if on_grid:
+        return _grid_schedules(table, spec, count, seed)
     if spec.layout is not None:
         return _random_staged(table, spec, count, seed)
     stages, patches = len(spec.pruning_locations), spec.max_tokens - 1
@@ -165,6 +169,33 @@ def random_schedules(table, spec, count: int, seed: int = 0) -> list[TokenSchedu
         seen.add(tuple(kept))
         out.append(schedule_of(spec, kept))
     return out
+
+
+def _grid_schedules(table, spec, count: int, seed: int):
+    """Uniform draws among the solver's candidates per pruning location, non-increasing where the
+    family requires it (through the network for DeiT, within a stage for PiT and Swin)."""
+    from latprof.train.solver import grid_candidates
+
+    cands = grid_candidates(table, spec)
+    lay = spec.layout
+    rng = random.Random(seed)
+    out, seen = [], set()
+    for _ in range(1000 * count):
+        kept = []
+        for s, ks in enumerate(cands):
+            bound = kept[-1] if s and (lay is None or lay.location_stage(s - 1) == lay.location_stage(s)) else None
+            fits = [k for k in ks if bound is None or k <= bound]
+            if not fits:
+                break
+            kept.append(rng.choice(fits))
+        if len(kept) < len(cands) or tuple(kept) in seen:
+            continue
+        seen.add(tuple(kept))
+        out.append(schedule_of(spec, kept))
+        if len(out) == count:
+            return out
+    raise UsageError(f"the table's grid allows fewer than {count} distinct {spec.name} schedules",
+                     "ask for fewer --configs, drop --on-grid, or measure more token counts")
 
 
 def _random_staged(table, spec, count: int, seed: int):
@@ -322,7 +353,7 @@ def _table_id(table) -> str:
 
 def validate(device, model: str, lut, configs: int = 20, seed: int = 0, workdir=None, calibrate: bool = False,
              plot: str | Path | None = None, progress: bool = True, echo=print, use_overhead: bool = True,
-             stat: str = "median") -> ValidationResult:
+             stat: str = "median", on_grid: bool = False) -> ValidationResult:
     from latprof.devices import load_config, open_session
     from latprof.devices.config import DeviceConfig
     from latprof.lut.table import read_lut
@@ -349,7 +380,7 @@ def validate(device, model: str, lut, configs: int = 20, seed: int = 0, workdir=
     measured_table = table
     table = table_statistic(table, stat)
 
-    schedules = random_schedules(table, spec, configs, seed)
+    schedules = random_schedules(table, spec, configs, seed, on_grid)
     rpath = results_path(workdir, cfg.name, model, eng.name)
     tid = _table_id(measured_table)
     done, history = {}, []

@@ -490,3 +490,23 @@ def test_tuning_anchors_follow_each_units_range():
     assert unit_anchors(spec, spec.unit("blocks.8"), [64, 128]) == [32]      # none of them fits 1..50
     assert unit_anchors(spec, spec.unit("blocks.3"), [64, 128]) == [64, 128]
     assert unit_anchors(get_model("swin_t"), get_model("swin_t").unit("blocks.6"), None) == [32]
+
+
+@pytest.mark.parametrize("model", ["pit_xs", "swin_t"])
+def test_on_grid_schedules_run_every_unit_at_a_measured_count(model):
+    """`validate --on-grid` draws among the solver's candidates: every unit of every schedule runs at a
+    token count the table holds, so nothing is interpolated (tuned TVM: nothing to transfer)."""
+    from latprof.predict import unit_tokens
+    from latprof.train.solver import grid_candidates
+    from latprof.validate import random_schedules
+
+    spec, table = get_model(model), staged_table(model)
+    cands = grid_candidates(table, spec)
+    scheds = random_schedules(table, spec, 12, seed=2, on_grid=True)
+    assert len({s.kept for s in scheds}) == 12
+    for s in scheds:
+        assert all(k in ks for k, ks in zip(s.kept, cands))
+        for unit, n in unit_tokens(spec, s).items():
+            assert n in set(table.curve(model, unit)[0]), (s.kept, unit, n)
+    drawn = random_schedules(table, spec, 12, seed=2)  # the default: anywhere in the measured ranges
+    assert any(n not in set(table.curve(model, u)[0]) for s in drawn for u, n in unit_tokens(spec, s).items())

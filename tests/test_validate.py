@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from latprof.errors import LutError
+from latprof.errors import LutError, UsageError
 from latprof.models import get_model
 from latprof.predict import read_overhead, unit_tokens
 from latprof.train.synthetic import synthetic_table
@@ -145,3 +145,15 @@ def test_retest_pairs_each_model_with_its_latest_earlier_measurement():
     assert "2 of these compiled models" in line and "(30-300 min earlier)" in line
     assert "50% within ±5%, 100% within ±10%" in line and "reference unit" not in line  # one pair has no reference
     assert "reference unit: 100% within ±5%" in format_retest([r])
+
+
+def test_on_grid_schedules_are_the_solvers_candidates():
+    t = synthetic_table(tokens=[17, 50, 99, 130, 160, 197], selectors=True)
+    scheds = random_schedules(t, SPEC, 15, seed=1, on_grid=True)
+    assert len({s.kept for s in scheds}) == 15
+    for s in scheds:
+        assert list(s.kept) == sorted(s.kept, reverse=True)
+        assert set(unit_tokens(SPEC, s).values()) <= {17, 50, 99, 130, 160, 197}  # nothing interpolated
+    assert [s.kept for s in random_schedules(t, SPEC, 15, seed=1, on_grid=True)] == [s.kept for s in scheds]
+    with pytest.raises(UsageError, match="fewer than 60 distinct"):  # 6 counts: at most 56 schedules
+        random_schedules(t, SPEC, 60, on_grid=True)

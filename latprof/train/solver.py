@@ -155,18 +155,7 @@ def solve_staged(table, spec, budget_ms: float, every_count: bool = False) -> So
         ms = float(lm.stage_cost(s + 1, np.array([k]))[0])
         return (math.inf if np.isnan(ms) else ms), k * lay.stages[lay.location_stage(s)].windows * blocks[s]
 
-    cands = []
-    for s in range(L):
-        if every_count:
-            ks = range(1, lay.limit(s) + 1)
-        else:
-            first_block = next(c for c in lm.curves if c.stage == s + 1 and c.unit.startswith("blocks."))
-            ks = sorted({lay.kept_for(s, int(n)) for n in first_block.tokens})
-        ks = [k for k in ks if 1 <= k <= lay.limit(s) and not math.isinf(cost(s, k)[0])]
-        if not ks:
-            raise LutError(f"{model}: no measured token count fits pruning location {s + 1} (before block "
-                           f"{lay.locations[s]})", f"measure {model} on its default grid")
-        cands.append([(k, *cost(s, k)) for k in ks])
+    cands = [[(k, *cost(s, k)) for k in ks] for s, ks in enumerate(_staged_candidates(lm, spec, every_count))]
 
     def run(limit: float):
         fronts = {None: [(base, 0, ())]}
@@ -194,6 +183,37 @@ def solve_staged(table, spec, budget_ms: float, every_count: bool = False) -> So
     dense_kept = [lay.limit(s) for s in range(len(cands))]
     dense = next((p[0] for p in everything if list(p[2]) == dense_kept), None)
     return SolverResult(tuple(kept), lat, info, fastest, dense, lay.schedule(kept))
+
+
+def _staged_candidates(lm: LatencyModel, spec, every_count: bool = False) -> list[list[int]]:
+    """Per pruning location of a PiT or Swin, the kept counts to consider: those at which the location's
+    first block runs at one of its measured token counts (default) or every count, keeping only those
+    whose token counts all lie inside the measured range."""
+    lay = spec.layout
+    out = []
+    for s in range(len(lay.locations)):
+        if every_count:
+            ks = range(1, lay.limit(s) + 1)
+        else:
+            first_block = next(c for c in lm.curves if c.stage == s + 1 and c.unit.startswith("blocks."))
+            ks = sorted({lay.kept_for(s, int(n)) for n in first_block.tokens})
+        ks = [k for k in ks if 1 <= k <= lay.limit(s) and not np.isnan(lm.stage_cost(s + 1, np.array([k]))[0])]
+        if not ks:
+            raise LutError(f"{spec.name}: no measured token count fits pruning location {s + 1} (before block "
+                           f"{lay.locations[s]})", f"measure {spec.name} on its default grid")
+        out.append(ks)
+    return out
+
+
+def grid_candidates(table, spec, every_count: bool = False) -> list[list[int]]:
+    """The kept counts per pruning location that `solve` and `train` choose among: by default those
+    whose blocks run at token counts the table measured, so no latency is interpolated."""
+    if spec.layout is not None:
+        return _staged_candidates(LatencyModel.from_staged(table, spec), spec, every_count)
+    from latprof.predict import _depth
+
+    lm = LatencyModel.from_table(table, spec.name, spec.max_tokens - 1, spec.pruning_locations, _depth(spec))
+    return [ks.tolist() for ks in candidates(lm, every_count)]
 
 
 def _pareto(points: list[tuple]) -> list[tuple]:
