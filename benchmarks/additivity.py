@@ -165,14 +165,15 @@ def main() -> None:
     whole, units, probe = fns[0], fns[1:1 + len(unit_gs)], fns[1 + len(unit_gs)]
     glue = fns[-1] if extra else None
     counts = [c for _, c in unit_gs]
-    blockless = [not g.shared.startswith("block") for g, _ in unit_gs]  # the units the glue model keeps
+    blockless = [not g.shared.startswith("block") for g, _ in unit_gs]
     sweep_buf = np.ones(2 * llc_bytes() // 8)
 
     def sweep():
         sweep_buf.sum()
 
-    def unit_sum(before=None, only=None) -> float:
-        return sum(c * per_call(u, args.calls, before) for u, c, b in zip(units, counts, only or [True] * len(units)) if b)
+    def unit_times(before=None) -> list[float]:
+        """Per graph: ms of one call times how often the schedule runs it."""
+        return [c * per_call(u, args.calls, before) for u, c in zip(units, counts)]
 
     for fn in (whole, *units, probe, *([glue] if glue else [])):  # warm up
         per_call(fn, 5)
@@ -182,10 +183,11 @@ def main() -> None:
           f"({len(units)} graphs); LLC sweep {2 * llc_bytes() >> 20} MiB; median ms of {args.calls} single calls")
     print(f"{'round':>5} " + " ".join(f"{c:>9}" for c in cols) + f" {'whole/hot':>10} {'cold/hot':>9}")
     for r in range(args.rounds):
-        row = {"whole": per_call(whole, args.calls), "sum hot": unit_sum(), "sum cold": unit_sum(sweep),
+        hot = unit_times()
+        row = {"whole": per_call(whole, args.calls), "sum hot": sum(hot), "sum cold": sum(unit_times(sweep)),
                "call": per_call(probe, args.calls)}
-        if glue:
-            row["movement"] = per_call(glue, args.calls) - unit_sum(only=blockless)
+        if glue:  # the glue model keeps the fixed units: subtract their hot times of this round
+            row["movement"] = per_call(glue, args.calls) - sum(t for t, b in zip(hot, blockless) if b)
         rows.append(row)
         print(_line(f"{r + 1:>5}", row, cols), flush=True)
     print(_line("med", {c: statistics.median(row[c] for row in rows) for c in cols}, cols))
