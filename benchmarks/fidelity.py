@@ -68,7 +68,8 @@ def evaluate(args, device, lut, res, table, threads, loads, tag: str = "") -> No
         loads.append(os.getloadavg()[0])
         oh = cal.overhead
         print(f"\n== statistic {stat}: calibration ({args.cal_configs} schedules, seed 1) per-call cost "
-              f"{oh.per_call_ms * 1e3:.1f} us, scale {oh.scale:.3f} (±{oh.spread:.3f}); {time.time() - t1:.0f} s")
+              f"{oh.per_call_ms * 1e3:.1f} us, scale {oh.scale:.3f} {oh.residual_ms:+.3f} ms (±{oh.spread:.1%} in sample); "
+              f"{time.time() - t1:.0f} s")
         print(format_validation(val))
         errs_raw = [c.sum_ms / c.measured_ms - 1 for c in val.configs]
         print(f"FIDELITY engine={res.engine} tuning={table.provenance.get('tuning')} threads={threads} stat={stat} "

@@ -20,11 +20,13 @@ concat) at the pruning locations belongs to no unit, and caches/fusion differ ac
 An `Overhead` (a sidecar next to the table, written by `latprof validate --calibrate`) corrects the sum:
     predicted = scale * (sum(units) - (calls - 1) * per_call_ms) + residual_ms
 per_call_ms is measured on the device with a trivial graph (interleaved with the calibration runs);
-scale is the median ratio of measured to call-corrected sum over calibration schedules. The gap is
-multiplicative on this host (onnxruntime, 1 thread: e2e about 1.1x the sum of units, roughly
-constant over schedules): a unit timed alone runs with its weights and activations hot in cache,
-in the whole model every block's weights are evicted by the other eleven's, and the token removal
-(top-k, gather, concat) runs too. See `latprof.validate`.
+scale and residual_ms are fitted over calibration schedules (`fit_overhead`). Two costs make the gap,
+and they are why there are two terms: a unit timed alone runs with its weights and activations hot in
+cache, while in the whole model every block's weights are evicted by the other blocks' (a cost per
+block that pruning tokens does not shrink: the constant), and activations and the token removal
+(top-k, gather, concat) grow with the tokens (the scale). Which dominates depends on the model and
+the engine: DeiT-T with tuned TVM here is about the sum plus 1 ms, Swin-S with onnxruntime 1.22 x
+the sum. See `latprof.validate` and `benchmarks/overhead_fit.py`.
 
 MACs are counted analytically (multiply-accumulates, batch 1), next to the prediction.
 """
@@ -34,6 +36,7 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import math
+import statistics
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -184,9 +187,9 @@ class Overhead:
     Swin-S 1.13-1.17 with tuned TVM here), and one device's table holds every model measured on it."""
 
     per_call_ms: float = 0.0        # engine call cost measured with a trivial graph on the device
-    scale: float = 1.0              # median of measured / (sum - (calls - 1) * per_call) over calibration
-    residual_ms: float = 0.0        # additive constant (0 unless set by hand)
-    spread: float = 0.0             # median absolute deviation of that ratio: the model's own noise
+    scale: float = 1.0              # fitted by `fit_overhead`
+    residual_ms: float = 0.0        # fitted by `fit_overhead`: a cost per model that pruning does not shrink
+    spread: float = 0.0             # median |measured / predicted - 1| over calibration: the fit's own noise
     n_configs: int = 0
     statistic: str = "median"       # the sample statistic the table and the calibration were read with
     model: str = ""
@@ -203,6 +206,37 @@ class Overhead:
 
     def correction_ms(self, sum_ms: float, calls: int) -> float:
         return self.apply(sum_ms, calls) - sum_ms
+
+
+def fit_overhead(sums_ms, measured_ms, calls: int, per_call_ms: float = 0.0, **meta) -> Overhead:
+    """Fit `Overhead.apply` to calibration schedules: least squares in relative error over
+    measured ~ scale * (sum - (calls - 1) * per_call) + residual, with residual >= 0 and scale >= 1
+    whenever residual > 0. Unconstrained, a line through a few noisy points over a narrow range of
+    sums extrapolates badly (a negative constant, or a scale near 0 and the constant doing all the
+    work); constrained, the fit is the better of the free line where it is physical, the pure scale
+    (residual 0) and the pure constant (scale 1), and so never fits worse than a scale alone."""
+    xs = [s - (calls - 1) * per_call_ms for s in sums_ms]
+    ys = list(measured_ms)
+    if not xs or len(xs) != len(ys) or min(xs) <= 0 or min(ys) <= 0:
+        raise ValueError("calibration needs positive sums and measurements, one each per schedule")
+    w = [1 / y ** 2 for y in ys]  # relative error: (pred - y) / y
+    sw, swx, swy = sum(w), sum(a * x for a, x in zip(w, xs)), sum(a * y for a, y in zip(w, ys))
+    swxx, swxy = sum(a * x * x for a, x in zip(w, xs)), sum(a * x * y for a, x, y in zip(w, xs, ys))
+    fits = [(swxy / swxx, 0.0), (1.0, max(0.0, (swy - swx) / sw))]  # pure scale, pure constant
+    det = sw * swxx - swx * swx
+    if det > 1e-12 * sw * swxx:  # the sums differ: a free line is defined
+        scale = (sw * swxy - swx * swy) / det
+        residual = (swy - scale * swx) / sw
+        if residual >= 0 and scale >= 1:
+            fits.append((scale, residual))
+
+    def sse(f):
+        return sum((f[0] * x + f[1] - y) ** 2 * a for a, x, y in zip(w, xs, ys))
+
+    scale, residual = min(fits, key=sse)
+    spread = statistics.median(abs((scale * x + residual) / y - 1) for x, y in zip(xs, ys))
+    return Overhead(per_call_ms=per_call_ms, scale=scale, residual_ms=residual, spread=spread,
+                    n_configs=len(xs), **meta)
 
 
 def overhead_path(lut_path: str | Path, model: str) -> Path:

@@ -57,7 +57,7 @@ def predict(lut, model, keep, tokens, engine, no_overhead, brief, stat):
 @click.option("--on-grid", is_flag=True, help="Draw schedules among the kept counts solve and train choose from "
                                              "(blocks at measured token counts: nothing interpolated or transferred).")
 @click.option("--calibrate", is_flag=True,
-              help="Measure the per-call overhead, fit the scale and write <table>.<model>.overhead.json.")
+              help="Measure the per-call overhead, fit a scale and a constant and write <table>.<model>.overhead.json.")
 @click.option("--stat", default=None, help="Sample statistic for table and end to end: median (default), min, q10, q25; "
                                           "with --onnx, default: the table's calibration's.")
 @click.option("--no-overhead", is_flag=True, help="Compare with the plain sum of units.")

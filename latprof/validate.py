@@ -11,15 +11,15 @@ device and compared with `latprof.predict.predict`.
 Before each whole model the reference unit (a block at the dense N) is measured again: its ratio to
 the table's figure is the machine's drift since the table was measured (other jobs, frequency, heat),
 reported next to each result and used to give a drift-corrected comparison as well (and to fit the
-calibration scale, which should describe the model, not the moment).
+calibration, which should describe the model, not the moment).
 
 Per-config results are appended to `<workdir>/validate/<device>-<model>-<engine>.jsonl` as they come,
 keyed by (table, engine, tuning, kept): a rerun skips what is there (resumable).
 
 Non-additivity (see `latprof.predict.Overhead`): `calibrate=True` measures the engine's per-call cost
 with a trivial graph on the device (one [1, 17, D] tensor plus a constant: nothing to compute),
-interleaved with the calibration schedules, fits the scale (median of measured / call-corrected sum)
-and writes both into the table's sidecar for the model, `<table>.<model>.overhead.json`, which `predict` applies from then
+interleaved with the calibration schedules, fits a scale and a constant to the call-corrected sums
+(`latprof.predict.fit_overhead`) and writes them into the table's sidecar for the model, `<table>.<model>.overhead.json`, which `predict` applies from then
 on. Calibrate and validate with different seeds so the reported fidelity is out of sample.
 
 `stat` reads the table and the end-to-end samples with the same statistic: ``median`` (default), or a
@@ -37,8 +37,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from latprof.errors import LutError, UsageError
-from latprof.predict import (Overhead, parse_stat, predict, read_overhead, sample_stat, schedule_of, table_statistic,
-                             unit_tokens, write_overhead)
+from latprof.predict import (Overhead, fit_overhead, parse_stat, predict, read_overhead, sample_stat, schedule_of,
+                             table_statistic, unit_tokens, write_overhead)
 from latprof.schedule import TokenSchedule
 
 CALL_PROBE_TOKENS = 17
@@ -448,12 +448,10 @@ def validate(device, model: str, lut, configs: int = 20, seed: int = 0, workdir=
         calls = len(unit_tokens(spec, schedules[0]))
         if per_call is None:
             per_call = 0.0
-        # fitted on drift-corrected figures: the scale is the model's, not the machine's state of the moment
-        ratios = [c.corrected_ms / (c.sum_ms - (calls - 1) * per_call) for c in results]
-        scale = statistics.median(ratios)
-        overhead = Overhead(per_call_ms=per_call, scale=scale, spread=statistics.median(abs(r - scale) for r in ratios),
-                            n_configs=len(results), statistic=stat, model=model, device=cfg.name, engine=eng.name, tuning=tuning,
-                            table=str(lut_path or ""))
+        # fitted on drift-corrected figures: the overhead is the model's, not the machine's state of the moment
+        overhead = fit_overhead([c.sum_ms for c in results], [c.corrected_ms for c in results], calls, per_call,
+                                statistic=stat, model=model, device=cfg.name, engine=eng.name, tuning=tuning,
+                                table=str(lut_path or ""))
         if lut_path:
             write_overhead(lut_path, overhead)
         for c in results:  # in-sample: what the new sidecar predicts for the calibration schedules
@@ -492,7 +490,8 @@ def format_validation(v: ValidationResult) -> str:
                      f"{v.within(0.05, drift=True):.0%} within ±5%, {v.within(0.10, drift=True):.0%} within ±10%")
     if v.overhead is not None:
         oh = v.overhead
-        lines.append(f"overhead model: scale {oh.scale:.3f} (±{oh.spread:.3f}), {oh.per_call_ms * 1e3:.1f} us per engine call "
+        lines.append(f"overhead model: scale {oh.scale:.3f} {oh.residual_ms:+.3f} ms (fit within ±{oh.spread:.1%} in sample), "
+                     f"{oh.per_call_ms * 1e3:.1f} us per engine call "
                      f"(from {oh.n_configs} calibration schedules, statistic {oh.statistic}); plain sum of units: "
                      f"{v.within(0.05, raw=True):.0%} within ±5%, {v.within(0.10, raw=True):.0%} within ±10%")
     if v.retest:

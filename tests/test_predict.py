@@ -10,7 +10,7 @@ from click.testing import CliRunner
 from latprof.errors import LutError, UsageError
 from latprof.lut.table import read_lut, write_lut
 from latprof.models import get_model
-from latprof.predict import (Overhead, format_prediction, model_macs, overhead_path, parse_keep, parse_tokens,
+from latprof.predict import (Overhead, fit_overhead, format_prediction, model_macs, overhead_path, parse_keep, parse_tokens,
                              predict, read_overhead, unit_macs, unit_tokens, write_overhead)
 from latprof.schedule import TokenSchedule
 from latprof.train.synthetic import synthetic_table
@@ -181,6 +181,49 @@ def test_overhead_sidecar_roundtrip_and_correction(tmp_path):
     overhead_path(lut, "deit_t").write_text("{not json")
     with pytest.raises(LutError, match="unreadable overhead sidecar"):
         read_overhead(lut, "deit_t", t)
+
+
+def _fit(xs, ys, per_call=0.0, calls=1):
+    oh = fit_overhead(xs, ys, calls, per_call, model="deit_t")
+    return oh, [oh.apply(x, calls) for x in xs]
+
+
+def test_overhead_fit_finds_the_terms_that_made_the_data():
+    xs = [6.0, 7.5, 9.0, 11.0, 13.0]
+    oh, _ = _fit(xs, [1.2 * x for x in xs])  # pure scale (activations, as Swin with onnxruntime)
+    assert oh.scale == pytest.approx(1.2) and oh.residual_ms == pytest.approx(0, abs=1e-9) and oh.spread < 1e-9
+    oh, _ = _fit(xs, [x + 1.0 for x in xs])  # pure constant (weights reloaded, as DeiT-T with tuned TVM)
+    assert oh.scale == pytest.approx(1.0) and oh.residual_ms == pytest.approx(1.0)
+    oh, _ = _fit(xs, [1.1 * x + 0.5 for x in xs])  # both
+    assert oh.scale == pytest.approx(1.1) and oh.residual_ms == pytest.approx(0.5) and oh.n_configs == 5
+    # the per-call cost of every unit call but one is taken off the sum before the fit
+    oh, pred = _fit([x + 19 * 0.01 for x in xs], [1.1 * x + 0.5 for x in xs], per_call=0.01, calls=20)
+    assert oh.scale == pytest.approx(1.1) and oh.residual_ms == pytest.approx(0.5)
+    assert pred == pytest.approx([1.1 * x + 0.5 for x in xs])
+
+
+def test_overhead_fit_is_never_unphysical_nor_worse_than_a_scale():
+    xs = [60.0, 62.0, 64.0]
+    # a line with a negative constant (or a scale below 1 with a large constant) extrapolates badly
+    # from a narrow range of sums: not taken
+    oh, _ = _fit(xs, [1.5 * x - 20 for x in xs])
+    assert oh.residual_ms == 0 and oh.scale == pytest.approx(sum(1.5 - 20 / x for x in xs) / 3, rel=0.01)
+    oh, _ = _fit(xs, [0.3 * x + 50 for x in xs])
+    assert oh.residual_ms >= 0 and oh.scale >= 1
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        x = sorted(rng.uniform(5, 15, 4))
+        y = [xi * rng.uniform(1.0, 1.3) + rng.uniform(0, 1.5) for xi in x]
+        oh, pred = _fit(x, y)
+        s = sum(xi / yi for xi, yi in zip(x, y)) / sum((xi / yi) ** 2 for xi, yi in zip(x, y))  # best pure scale
+        err = sum((p / yi - 1) ** 2 for p, yi in zip(pred, y))
+        assert err <= sum((s * xi / yi - 1) ** 2 for xi, yi in zip(x, y)) + 1e-9
+        assert oh.residual_ms >= 0 and (oh.residual_ms == 0 or oh.scale >= 1)
+        assert oh.spread == pytest.approx(float(np.median([abs(p / yi - 1) for p, yi in zip(pred, y)])))
+    oh, _ = _fit([8.0], [9.0])  # one schedule: a scale, as calibrations were before the constant
+    assert oh.scale == pytest.approx(9 / 8) and oh.residual_ms == 0
+    with pytest.raises(ValueError):
+        _fit([], [])
 
 
 def test_a_calibration_is_one_models(tmp_path):
