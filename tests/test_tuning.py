@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from latprof.compile import tuning
+from tests.conftest import write_config
 
 pytest.importorskip("tvm")
 
@@ -526,3 +527,52 @@ def test_transfers_made_before_padding_are_done_again(tmp_path):
 ])
 def test_heavy_tasks_are_named_by_whole_operator_words(name, heavy):
     assert tuning.is_heavy(name) is heavy
+
+
+def test_tuning_of_the_same_target_under_another_device_name_is_pointed_out(tmp_path):
+    """A tuning database is per device name; a second config for the same machine starts from nothing,
+    and is told where the first one's tuning is."""
+    from latprof.devices import load_config
+    from latprof.measure.engines import TVMEngine
+
+    work = tmp_path / "work"
+    a = TVMEngine(load_config(str(write_config(tmp_path / "a.yaml", name="bench-a"))), work, trials=2)
+    b = TVMEngine(load_config(str(write_config(tmp_path / "b.yaml", name="b"))), work, trials=2)
+    other = TVMEngine(load_config(str(write_config(tmp_path / "c.yaml", name="c", threads=2))), work, trials=2)
+    assert a.other_tunings() == [] and a.tuning_dir.name.startswith("bench-a-")
+    a.tuning_dir.mkdir(parents=True)
+    assert b.other_tunings() == []  # a folder without a budget holds no tuning
+    (a.tuning_dir / "budget.json").write_text("{}")
+    assert b.other_tunings() == ["bench-a"] and a.other_tunings() == []
+    assert other.other_tunings() == []  # another target (threads are part of it): not the same tuning
+
+
+
+def test_a_record_tvm_cannot_read_back_is_set_aside_not_the_whole_database(tmp_path, capsys):
+    """MetaSchedule refuses a whole records file over one record it cannot replay (seen: 28 records of
+    a [1, 127] reduction, in a database holding hours of tuning). The others load; the bad one is kept
+    aside, and said so."""
+    import tvm
+    from tvm.s_tir import meta_schedule as ms
+
+    from latprof.compile import tvmlib
+
+    target = tvm.target.Target("llvm")
+    mod = _matmul_mod()
+    _, fast = _matmul_schedules()
+    db = tvmlib.database(tmp_path)
+    db.commit_tuning_record(ms.database.TuningRecord(fast.trace, db.commit_workload(mod), [1e-5], target))
+    records = tmp_path / "records.json"
+    good = records.read_text().strip()
+    damaged = good.replace('"c"', '"no_such_block"')  # its trace names a block the workload lacks
+    assert damaged != good
+    records.write_text(good + "\n" + damaged + "\n")
+    with pytest.raises(Exception):  # what TVM itself does with the file
+        ms.database.JSONDatabase(str(tmp_path / "workloads.json"), str(records), module_equality="structural")
+
+    db = tvmlib.database(tmp_path)
+    assert len(db) == 1 and db.query_tuning_record(mod, target, "main") is not None
+    assert records.read_text().strip() == good
+    assert (tmp_path / "records.rejected.json").read_text().strip() == damaged
+    assert "1 tuning record(s)" in capsys.readouterr().out
+    assert len(tvmlib.database(tmp_path)) == 1 and "warning" not in capsys.readouterr().out  # nothing more to do

@@ -74,13 +74,61 @@ def extract_tasks(mod, target):
 
 
 def database(work_dir: str | Path):
-    """The persistent tuning database of one device+target (MetaSchedule JSON files)."""
+    """The persistent tuning database of one device+target (MetaSchedule JSON files). A record that
+    cannot be read back makes MetaSchedule refuse the whole file, hours of tuning with it; such records
+    are set aside (see `set_aside_bad_records`) and the rest is loaded."""
     from tvm.s_tir import meta_schedule as ms
 
     work_dir = Path(work_dir)
     work_dir.mkdir(parents=True, exist_ok=True)
-    return ms.database.JSONDatabase(str(work_dir / "workloads.json"), str(work_dir / "records.json"),
-                                    module_equality="structural")
+
+    def load():
+        return ms.database.JSONDatabase(str(work_dir / "workloads.json"), str(work_dir / "records.json"),
+                                        module_equality="structural")
+
+    try:
+        return load()
+    except Exception:  # TVM says only "parallel_for_dynamic error": find the records it could not read
+        bad = set_aside_bad_records(work_dir)
+        if not bad:
+            raise
+        print(f"warning: {bad} tuning record(s) in {work_dir / 'records.json'} could not be read back by TVM; "
+              f"they were moved to {work_dir / 'records.rejected.json'} and their tasks fall back to other "
+              f"records or are tuned again", flush=True)
+        return load()
+
+
+def set_aside_bad_records(work_dir: Path) -> int:
+    """Move the records TVM cannot parse or replay on their workload from records.json (rewritten
+    atomically) to records.rejected.json; returns how many. Seen here: MetaSchedule's own search wrote
+    records for a [1, 127] -> [1] reduction whose RFactor trace it could not replay on reload."""
+    import json
+
+    from tvm.s_tir import meta_schedule as ms
+
+    from latprof.lut.table import atomic_write_text
+
+    records = (work_dir / "records.json").read_text().splitlines()
+    with open(work_dir / "workloads.json") as fh:
+        workload_lines = fh.read().splitlines()
+    workloads: dict[int, object] = {}
+    good, bad = [], []
+    for line in records:
+        if not line.strip():
+            continue
+        try:
+            index, record = json.loads(line)
+            if index not in workloads:
+                workloads[index] = ms.database.Workload.from_json(json.loads(workload_lines[index]))
+            ms.database.TuningRecord.from_json(record, workloads[index])
+            good.append(line)
+        except Exception:
+            bad.append(line)
+    if bad:
+        with open(work_dir / "records.rejected.json", "a") as fh:
+            fh.write("\n".join(bad) + "\n")
+        atomic_write_text(work_dir / "records.json", "\n".join(good) + "\n" if good else "")
+    return len(bad)
 
 
 _console_level: int | None = None  # MetaSchedule's console log level (see tune_tasks)

@@ -168,6 +168,12 @@ class TVMEngine:
         bar.close()
         return libs
 
+    def other_tunings(self) -> list[str]:
+        """Other device names with a tuning database for this same target in the workdir."""
+        suffix = self.tuning_dir.name[len(self.cfg.name):]  # "-<target hash>"
+        return sorted(d.name[:-len(suffix)] for d in self.tuning_dir.parent.glob(f"*{suffix}")
+                      if d != self.tuning_dir and (d / "budget.json").exists())
+
     def _tasks(self, mod) -> list:
         return [t for t in self.tvmlib.extract_tasks(mod, self.target) if tuning.is_heavy(t.task_name)]
 
@@ -192,6 +198,11 @@ class TVMEngine:
                 if key not in runs and db.trials(key) < self.trials:
                     todo.append((key, t))
                 runs[key] = runs.get(key, 0) + count
+        if todo and not db.budget and self.other_tunings():
+            others = ", ".join(f"'{n}'" for n in self.other_tunings())
+            print(f"warning: nothing is tuned yet for device '{self.cfg.name}', but this workdir holds tuning for the "
+                  f"same target under {others}: tuning is kept per device name (same target, other hardware); if it "
+                  f"is the same machine, use that config, or copy its folder to {self.tuning_dir}", flush=True)
         if todo:
             # the table's units get the bonus rounds; validate's whole pruned models (no anchors), whose
             # novel tasks (fusions across units, at every schedule's own N) each get the plain budget:
