@@ -576,3 +576,5 @@ def test_a_record_tvm_cannot_read_back_is_set_aside_not_the_whole_database(tmp_p
     assert (tmp_path / "records.rejected.json").read_text().strip() == damaged
     assert "1 tuning record(s)" in capsys.readouterr().out
     assert len(tvmlib.database(tmp_path)) == 1 and "warning" not in capsys.readouterr().out  # nothing more to do
+    # the task is known as one whose records TVM cannot read back, so it is not searched again each run
+    assert tuning.TuningDB(tmp_path).rejected() == {tuning.module_key(mod)}

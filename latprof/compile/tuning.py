@@ -73,12 +73,33 @@ class TuningDB:
     def record(self, key: str, **info) -> None:
         self.budget[key] = {**self.budget.get(key, {}), **info}
 
+    def rejected(self) -> set[str]:
+        """Keys of the tasks whose records TVM could not read back (`tvmlib.set_aside_bad_records`)."""
+        import json as _json
+
+        from tvm.s_tir import meta_schedule as ms
+
+        path = self.dir / "records.rejected.json"
+        if not path.exists():
+            return set()
+        indices = {_json.loads(line)[0] for line in path.read_text().splitlines() if line.strip()}
+        keys = set()
+        with open(self.dir / "workloads.json") as fh:
+            for i, line in enumerate(fh):
+                if i in indices:
+                    keys.add(module_key(ms.database.Workload.from_json(_json.loads(line)).mod))
+        return keys
+
 
 def task_key(task) -> str:
     """A stable name for a task's workload: its structural hash (shape and dtype included)."""
+    return module_key(task.dispatched[0])
+
+
+def module_key(mod) -> str:
     from tvm_ffi import structural_hash
 
-    return "%016x" % (structural_hash(task.dispatched[0]) & (2**64 - 1))
+    return "%016x" % (structural_hash(mod) & (2**64 - 1))
 
 
 def refit_tile(extent: int, old: list[int]) -> list[int]:

@@ -212,6 +212,11 @@ class TVMEngine:
             found = [(key, t) for key, t in todo if db.db.query_tuning_record(t.dispatched[0], self.target, "main")]
             for key, task in found:  # a task none of whose candidates ran is tried again next time
                 db.record(key, trials=self.trials, name=task.task_name, tuned=True)
+            if len(found) < len(todo):  # ... but not one whose records TVM cannot read back: it keeps the default
+                unreadable = db.rejected()
+                for key, task in todo:
+                    if key in unreadable and not db.trials(key):
+                        db.record(key, trials=self.trials, name=task.task_name, unreadable=True)
             db.save()
             if not found and runner is not None:
                 raise DeviceError(f"no tuning candidate ran on '{self.cfg.name}' ({len(todo)} tasks)",
