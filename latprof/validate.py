@@ -19,8 +19,9 @@ keyed by (table, engine, tuning, kept): a rerun skips what is there (resumable).
 Non-additivity (see `latprof.predict.Overhead`): `calibrate=True` measures the engine's per-call cost
 with a trivial graph on the device (one [1, 17, D] tensor plus a constant: nothing to compute),
 interleaved with the calibration schedules, fits a scale and a constant to the call-corrected sums
-(`latprof.predict.fit_overhead`) and writes them into the table's sidecar for the model, `<table>.<model>.overhead.json`, which `predict` applies from then
-on. Calibrate and validate with different seeds so the reported fidelity is out of sample.
+(`latprof.predict.fit_overhead`) and writes them into the table's sidecar for the model,
+`<table>.<model>.overhead.json`, which `predict` applies from then on. Calibrate and validate with
+different seeds so the reported fidelity is out of sample.
 
 `stat` reads the table and the end-to-end samples with the same statistic: ``median`` (default), or a
 low quantile (``min``, ``q10``, ``q25``) on a shared host where other jobs only ever add time.

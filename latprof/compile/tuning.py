@@ -75,20 +75,13 @@ class TuningDB:
 
     def rejected(self) -> set[str]:
         """Keys of the tasks whose records TVM could not read back (`tvmlib.set_aside_bad_records`)."""
-        import json as _json
-
-        from tvm.s_tir import meta_schedule as ms
+        from latprof.compile import tvmlib
 
         path = self.dir / "records.rejected.json"
         if not path.exists():
             return set()
-        indices = {_json.loads(line)[0] for line in path.read_text().splitlines() if line.strip()}
-        keys = set()
-        with open(self.dir / "workloads.json") as fh:
-            for i, line in enumerate(fh):
-                if i in indices:
-                    keys.add(module_key(ms.database.Workload.from_json(_json.loads(line)).mod))
-        return keys
+        indices = {json.loads(line)[0] for line in path.read_text().splitlines() if line.strip()}
+        return {module_key(w.mod) for w in tvmlib.read_workloads(self.dir, indices).values()}
 
 
 def task_key(task) -> str:

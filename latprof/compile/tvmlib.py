@@ -93,9 +93,23 @@ def database(work_dir: str | Path):
         if not bad:
             raise
         print(f"warning: {bad} tuning record(s) in {work_dir / 'records.json'} could not be read back by TVM; "
-              f"they were moved to {work_dir / 'records.rejected.json'} and their tasks fall back to other "
-              f"records or are tuned again", flush=True)
+              f"they were moved to {work_dir / 'records.rejected.json'}, and their tasks keep their other records "
+              f"or TVM's default schedule", flush=True)
         return load()
+
+
+def read_workloads(work_dir: Path, indices: set[int]) -> dict:
+    """The database's workloads at these line indices (the workloads file can be hundreds of MB)."""
+    import json
+
+    from tvm.s_tir import meta_schedule as ms
+
+    out = {}
+    with open(Path(work_dir) / "workloads.json") as fh:
+        for i, line in enumerate(fh):
+            if i in indices:
+                out[i] = ms.database.Workload.from_json(json.loads(line))
+    return out
 
 
 def set_aside_bad_records(work_dir: Path) -> int:
@@ -108,18 +122,12 @@ def set_aside_bad_records(work_dir: Path) -> int:
 
     from latprof.lut.table import atomic_write_text
 
-    records = (work_dir / "records.json").read_text().splitlines()
-    with open(work_dir / "workloads.json") as fh:
-        workload_lines = fh.read().splitlines()
-    workloads: dict[int, object] = {}
+    records = [line for line in (work_dir / "records.json").read_text().splitlines() if line.strip()]
+    workloads = read_workloads(work_dir, {json.loads(line)[0] for line in records})
     good, bad = [], []
     for line in records:
-        if not line.strip():
-            continue
         try:
             index, record = json.loads(line)
-            if index not in workloads:
-                workloads[index] = ms.database.Workload.from_json(json.loads(workload_lines[index]))
             ms.database.TuningRecord.from_json(record, workloads[index])
             good.append(line)
         except Exception:

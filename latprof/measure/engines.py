@@ -198,8 +198,8 @@ class TVMEngine:
                 if key not in runs and db.trials(key) < self.trials:
                     todo.append((key, t))
                 runs[key] = runs.get(key, 0) + count
-        if todo and not db.budget and self.other_tunings():
-            others = ", ".join(f"'{n}'" for n in self.other_tunings())
+        others = ", ".join(f"'{n}'" for n in self.other_tunings()) if todo and not db.budget else ""
+        if others:
             print(f"warning: nothing is tuned yet for device '{self.cfg.name}', but this workdir holds tuning for the "
                   f"same target under {others}: tuning is kept per device name (same target, other hardware); if it "
                   f"is the same machine, use that config, or copy its folder to {self.tuning_dir}", flush=True)
