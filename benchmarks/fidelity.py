@@ -67,8 +67,7 @@ def evaluate(args, device, lut, res, table, threads, loads, tag: str = "") -> No
                        on_grid=args.on_grid)
         loads.append(os.getloadavg()[0])
         oh = cal.overhead
-        print(f"\n== statistic {stat}: calibration ({args.cal_configs} schedules, seed 1) per-call cost "
-              f"{oh.per_call_ms * 1e3:.1f} us, scale {oh.scale:.3f} {oh.residual_ms:+.3f} ms (±{oh.spread:.1%} in sample); "
+        print(f"\n== statistic {stat}: calibration ({args.cal_configs} schedules, seed 1): {oh.describe()}; "
               f"{time.time() - t1:.0f} s")
         print(format_validation(val))
         errs_raw = [c.sum_ms / c.measured_ms - 1 for c in val.configs]

@@ -207,6 +207,10 @@ class Overhead:
     def correction_ms(self, sum_ms: float, calls: int) -> float:
         return self.apply(sum_ms, calls) - sum_ms
 
+    def describe(self) -> str:
+        return (f"scale {self.scale:.3f} {self.residual_ms:+.3f} ms (fit within ±{self.spread:.1%} in sample), "
+                f"{self.per_call_ms * 1e3:.1f} us per engine call")
+
 
 def fit_overhead(sums_ms, measured_ms, calls: int, per_call_ms: float = 0.0, **meta) -> Overhead:
     """Fit `Overhead.apply` to calibration schedules: least squares in relative error over

@@ -491,9 +491,8 @@ def format_validation(v: ValidationResult) -> str:
                      f"{v.within(0.05, drift=True):.0%} within ±5%, {v.within(0.10, drift=True):.0%} within ±10%")
     if v.overhead is not None:
         oh = v.overhead
-        lines.append(f"overhead model: scale {oh.scale:.3f} {oh.residual_ms:+.3f} ms (fit within ±{oh.spread:.1%} in sample), "
-                     f"{oh.per_call_ms * 1e3:.1f} us per engine call "
-                     f"(from {oh.n_configs} calibration schedules, statistic {oh.statistic}); plain sum of units: "
+        lines.append(f"overhead model: {oh.describe()} (from {oh.n_configs} calibration schedules, statistic "
+                     f"{oh.statistic}); plain sum of units: "
                      f"{v.within(0.05, raw=True):.0%} within ±5%, {v.within(0.10, raw=True):.0%} within ±10%")
     if v.retest:
         lines.append(format_retest(v.retest))

@@ -150,12 +150,10 @@ def solve_staged(table, spec, budget_ms: float, every_count: bool = False) -> So
     base = lm.fixed_ms
     blocks = [sum(1 for c in lm.curves if c.stage == s + 1 and c.unit.startswith("blocks.")) for s in range(L)]
 
-    def cost(s: int, k: int) -> tuple[float, int]:
-        """Predicted ms of the units location s sets, and the tokens its blocks process."""
-        ms = float(lm.stage_cost(s + 1, np.array([k]))[0])
-        return (math.inf if np.isnan(ms) else ms), k * lay.stages[lay.location_stage(s)].windows * blocks[s]
-
-    cands = [[(k, *cost(s, k)) for k in ks] for s, ks in enumerate(_staged_candidates(lm, spec, every_count))]
+    cands = []  # per location: (kept, predicted ms of the units it sets, tokens its blocks process)
+    for s, ks in enumerate(_staged_candidates(lm, spec, every_count)):
+        tokens = lay.stages[lay.location_stage(s)].windows * blocks[s]
+        cands.append([(k, float(ms), k * tokens) for k, ms in zip(ks, lm.stage_cost(s + 1, np.array(ks)))])
 
     def run(limit: float):
         fronts = {None: [(base, 0, ())]}
@@ -197,7 +195,8 @@ def _staged_candidates(lm: LatencyModel, spec, every_count: bool = False) -> lis
         else:
             first_block = next(c for c in lm.curves if c.stage == s + 1 and c.unit.startswith("blocks."))
             ks = sorted({lay.kept_for(s, int(n)) for n in first_block.tokens})
-        ks = [k for k in ks if 1 <= k <= lay.limit(s) and not np.isnan(lm.stage_cost(s + 1, np.array([k]))[0])]
+        ks = [k for k in ks if 1 <= k <= lay.limit(s)]
+        ks = [k for k, ms in zip(ks, lm.stage_cost(s + 1, np.array(ks, dtype=float))) if not np.isnan(ms)]
         if not ks:
             raise LutError(f"{spec.name}: no measured token count fits pruning location {s + 1} (before block "
                            f"{lay.locations[s]})", f"measure {spec.name} on its default grid")
