@@ -22,6 +22,7 @@ def test_shipped_configs_load():
     ({"measure": {"repeats": 0}}, "measure.repeats"),
     ({"measure": {"repeets": 3}}, "unknown field 'measure.repeets'"),
     ({"colour": "blue"}, "unknown field 'colour'"),
+    ({"tuning": {"cache": "lukewarm"}}, "field 'tuning.cache' is 'lukewarm'"),
 ])
 def test_bad_fields_are_named(tmp_path, override, message):
     path = write_config(tmp_path / "bad.yaml", **override)

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from latprof.compile import tuning
+from latprof.validate import _table_trials
 from tests.conftest import write_config
 
 pytest.importorskip("tvm")
@@ -546,6 +547,40 @@ def test_tuning_of_the_same_target_under_another_device_name_is_pointed_out(tmp_
     assert b.other_tunings() == ["bench-a"] and a.other_tunings() == []
     assert other.other_tunings() == []  # another target (threads are part of it): not the same tuning
 
+
+
+def test_cold_tuning_is_labelled_and_kept_apart(tmp_path):
+    """Records timed cold and hot go to databases of their own (the fastest record of a task wins, so
+    mixed they would not compare like with like), and a table says which it was measured with."""
+    from latprof.devices import load_config
+    from latprof.measure.engines import TVMEngine
+
+    hot = TVMEngine(load_config(str(write_config(tmp_path / "h.yaml", name="dev"))), tmp_path, trials=2)
+    cold = TVMEngine(load_config(str(write_config(tmp_path / "c.yaml", name="dev", tuning={"cache": "cold"}))),
+                     tmp_path, trials=2)
+    assert cold.tuning_dir != hot.tuning_dir and cold.tuning_dir.name.endswith("-cold")
+    hot.anchors = cold.anchors = [32]
+    assert cold.tuning_label() == hot.tuning_label() + "/cold"
+    assert _table_trials(cold.tuning_label()) == 2
+
+
+def test_cold_timing_runs_here_and_through_a_device_session(monkeypatch, tmp_path):
+    """Candidates timed after a cache flush, by MetaSchedule's local runner and through the local
+    device's real RPC server (the flush is a function of the TVM runtime on the device)."""
+    from latprof.compile import tvmlib
+    from latprof.devices import load_config, open_session
+
+    cfg = load_config("local")
+    target = tvmlib.make_target(tvmlib.target_dict(cfg.target, 1))
+    naive, fast = _matmul_schedules()
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    errors: list = []
+    local = tvmlib.benchmark([naive, fast], target, cold=True, errors=errors)
+    with open_session(cfg) as session:
+        remote = tvmlib.benchmark([naive, fast], target, runner=tvmlib.session_runner(session.rpc, cold=True),
+                                  errors=errors)
+    assert errors == [None] * 4 and all(t is not None and t > 0 for t in local + remote), (errors, local, remote)
+    assert tvmlib._evaluator(True).enable_cpu_cache_flush and not tvmlib._evaluator().enable_cpu_cache_flush
 
 
 def test_a_record_tvm_cannot_read_back_is_set_aside_not_the_whole_database(tmp_path, capsys):

@@ -164,12 +164,13 @@ def search_budget(n_tasks: int, trials_per_task: int, bonus: bool = True) -> int
 
 def tune_tasks(tasks, target, work_dir: str | Path, trials_per_task: int, runner=None, seed: int = 0,
                on_trials=None, cross_compiler: str | None = None, counts: list[int] | None = None,
-               bonus: bool = True):
+               bonus: bool = True, cold: bool = False):
     """Tune extracted tasks together into the persistent database at work_dir: one builder/runner pool
     and one cost model for all of them (per-task calls spent minutes each on pool start-up here).
     Each task gets `trials_per_task` candidates, and the slowest ones more (BONUS, SHARE); `counts` says
     how many times each task's graph runs in the model (twelve for a DeiT block), which weighs its time.
-    `bonus=False` gives every task its trials_per_task and no more.
+    `bonus=False` gives every task its trials_per_task and no more. `cold`: candidates timed cold
+    (`_evaluator`) when no runner is given.
     `on_trials(task_name, n)` is called as a task's candidates go to be built and measured (progress)."""
     from tvm.s_tir import meta_schedule as ms
 
@@ -200,7 +201,7 @@ def tune_tasks(tasks, target, work_dir: str | Path, trials_per_task: int, runner
             max_trials_global=search_budget(len(contexts), trials_per_task, bonus),
             max_trials_per_task=trials_per_task * (SHARE if bonus else 1),
             num_trials_per_iter=_round_size(trials_per_task), database=db,
-            task_scheduler="gradient", runner=runner or "local", builder=builder, measure_callbacks=callbacks)
+            task_scheduler="gradient", runner=runner or (local_runner(True) if cold else "local"), builder=builder, measure_callbacks=callbacks)
     finally:
         builder.close()
     return db
@@ -251,10 +252,21 @@ def _ending_search(on_trials=None):
     return EndingSearch()
 
 
-def _evaluator():
+def _evaluator(cold: bool = False):
+    """Hot: repeated back to back, the weights stay in the caches. Cold: each run after a flush of
+    every argument but the first (the weights; the input comes hot from the op before), as in a whole
+    model whose weights do not all fit in the last-level cache (docs/measurements.md, "Hot or cold")."""
     from tvm.s_tir import meta_schedule as ms
 
+    if cold:
+        return ms.runner.EvaluatorConfig(number=1, repeat=10, min_repeat_ms=0, enable_cpu_cache_flush=True)
     return ms.runner.EvaluatorConfig(number=1, repeat=5, min_repeat_ms=20, enable_cpu_cache_flush=False)
+
+
+def local_runner(cold: bool = False):
+    from tvm.s_tir import meta_schedule as ms
+
+    return ms.runner.LocalRunner(evaluator_config=_evaluator(cold))
 
 
 def export_for_device(cross_compiler: str | None, mod) -> str:
@@ -325,7 +337,7 @@ def candidate_builder(cross_compiler: str | None = None):
     return PooledBuilder()
 
 
-def session_runner(rpc):
+def session_runner(rpc, cold: bool = False):
     """A MetaSchedule runner that times candidates on the device behind a latprof session (its TVM RPC
     session): tuning and transfer then measure on the device the table is for, whatever its transport.
     A farm session holding several devices (`.sessions`) runs candidates on all of them at once, one
@@ -337,7 +349,7 @@ def session_runner(rpc):
     from tvm.ir.utils import derived_object
     from tvm.s_tir import meta_schedule as ms
 
-    config = _evaluator()
+    config = _evaluator(cold)
     free: queue.Queue = queue.Queue()
     for sess in getattr(rpc, "sessions", None) or [rpc]:
         free.put(sess)
@@ -355,7 +367,8 @@ def session_runner(rpc):
             args = [tvm().runtime.tensor(rng.standard_normal([int(s) for s in a.shape]).astype(str(a.dtype)), dev)
                     for a in inp.args_info]
             timer = mod.time_evaluator(mod.entry_name, dev, number=config.number, repeat=config.repeat,
-                                       min_repeat_ms=config.min_repeat_ms)
+                                       min_repeat_ms=config.min_repeat_ms,
+                                       f_preproc="cache_flush_cpu_non_first_arg" if cold else "")
             secs = [float(t) for t in timer(*args).results]
             sess.remove(name)
             return ms.runner.RunnerResult(secs, None)
@@ -374,14 +387,14 @@ def session_runner(rpc):
 
 
 def benchmark(schedules: list, target, on_done=None, chunk: int = 32, runner=None,
-              cross_compiler: str | None = None, errors: list | None = None) -> list[float | None]:
+              cross_compiler: str | None = None, errors: list | None = None, cold: bool = False) -> list[float | None]:
     """Median run time in seconds of each schedule's function (None where it failed to build or run),
     built and run the way MetaSchedule measures its candidates: one builder pool, and the given runner
     (default: MetaSchedule's local one, this machine). `on_done(n)` is called as candidates finish.
     `errors`, if given, receives one entry per schedule: None, or why it has no time (build or run
     error, first line)."""
     out: list[float | None] = []
-    for times, why in benchmark_chunks(schedules, target, chunk, runner, cross_compiler):
+    for times, why in benchmark_chunks(schedules, target, chunk, runner, cross_compiler, cold):
         out += times
         if errors is not None:
             errors += why
@@ -390,7 +403,8 @@ def benchmark(schedules: list, target, on_done=None, chunk: int = 32, runner=Non
     return out
 
 
-def benchmark_chunks(schedules: list, target, chunk: int = 32, runner=None, cross_compiler: str | None = None):
+def benchmark_chunks(schedules: list, target, chunk: int = 32, runner=None, cross_compiler: str | None = None,
+                     cold: bool = False):
     """`benchmark`, chunk by chunk: yields (times, why) for the next `chunk` schedules, so a caller can
     keep what is timed before the rest has run (a long transfer stopped midway loses one chunk)."""
     import statistics
@@ -399,7 +413,7 @@ def benchmark_chunks(schedules: list, target, chunk: int = 32, runner=None, cros
 
     target = make_target(target) if isinstance(target, dict) else target
     builder = candidate_builder(cross_compiler)
-    runner = runner or ms.runner.LocalRunner(evaluator_config=_evaluator())
+    runner = runner or local_runner(cold)
     device = "cpu" if target.kind.name == "llvm" else str(target.kind.name)
     try:
         for i in range(0, len(schedules), chunk):

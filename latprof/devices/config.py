@@ -30,7 +30,11 @@ _MEASURE = {
 _TUNING = {
     "trials_per_task": (int, 32),
     "anchors": (list, None),       # token counts tuned for real; default: see compile/tuning.py
+    # candidates timed "hot" (back to back, weights left in the caches) or "cold" (the caches flushed of
+    # all but the input before each run, as in a whole model whose weights outgrow the last-level cache)
+    "cache": (str, "hot"),
 }
+CACHE_MODES = ("hot", "cold")
 _TOP = {
     "name": (str, REQUIRED),
     "description": (str, ""),
@@ -101,6 +105,8 @@ def parse_config(data: Any, source: str) -> DeviceConfig:
     top = _check(data, _TOP, "", source)
     top["measure"] = _check(top["measure"], _MEASURE, "measure", source)
     top["tuning"] = _check(top["tuning"], _TUNING, "tuning", source)
+    if top["tuning"]["cache"] not in CACHE_MODES:
+        raise ConfigError(f"{source}: field 'tuning.cache' is '{top['tuning']['cache']}'", f"use one of {', '.join(CACHE_MODES)}")
     if top["engine"] not in ENGINES:
         raise ConfigError(f"{source}: field 'engine' is '{top['engine']}'", f"use one of {', '.join(ENGINES)}")
     if top["threads"] < 1:

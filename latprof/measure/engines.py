@@ -120,11 +120,13 @@ class TVMEngine:
         self.tvmlib = tvmlib
         self.cfg = cfg
         self.trials = cfg.tuning["trials_per_task"] if trials is None else trials
+        self.cold = cfg.tuning.get("cache") == "cold"
         self.target_spec = tvmlib.target_dict(cfg.target, cfg.threads)
         self.target = tvmlib.make_target(self.target_spec)
         spec_hash = hashlib.sha256(json.dumps(self.target_spec, sort_keys=True).encode()).hexdigest()[:10]
         self.workdir = Path(workdir)
-        self.tuning_dir = self.workdir / "tuning" / f"{cfg.name}-{spec_hash}"
+        # records timed hot and cold must not compete in one database (the fastest record of a task wins)
+        self.tuning_dir = self.workdir / "tuning" / f"{cfg.name}-{spec_hash}{'-cold' if self.cold else ''}"
         self.lib_dir = self.workdir / "libs"
         self._vms: dict[str, tuple] = {}
         self.anchors: list[int] = []  # set by the runner from the model and config
@@ -134,7 +136,8 @@ class TVMEngine:
         counts they were spent at, and the way schedules were transferred to the other counts."""
         if self.trials <= 0:
             return "untuned"
-        return f"metaschedule:{self.trials}@" + "+".join(map(str, self.anchors)) + f"/transfer{tuning.TRANSFER_VERSION}"
+        return (f"metaschedule:{self.trials}@" + "+".join(map(str, self.anchors)) + f"/transfer{tuning.TRANSFER_VERSION}"
+                + ("/cold" if self.cold else ""))
 
     def target_label(self) -> str:
         return json.dumps(self.target_spec, sort_keys=True)
@@ -183,7 +186,7 @@ class TVMEngine:
         if session is None:  # a remote target cannot be timed here: its candidates run on the device
             raise DeviceError(f"tuning for '{self.cfg.name}' needs the device connected",
                               "run `latprof tune`/`measure` with the device reachable, or set tuning.trials_per_task: 0")
-        return self.tvmlib.session_runner(session.rpc)
+        return self.tvmlib.session_runner(session.rpc, self.cold)
 
     def _tune(self, graphs, anchors, prepared, db, progress, runner=None) -> None:
         anchored = {a.shared for a in anchors}
@@ -291,7 +294,7 @@ class TVMEngine:
             bar = progress(total=len(flat), desc=f"transfer {len(last)} tasks", unit="candidate")
             seen = 0
             for times, errors in self.tvmlib.benchmark_chunks([sch for _, _, sch in flat], self.target, runner=runner,
-                                                              cross_compiler=self.cfg.cross_compiler):
+                                                              cross_compiler=self.cfg.cross_compiler, cold=self.cold):
                 for (key, label, sch), secs, why in zip(flat[seen:], times, errors):
                     if secs is not None:
                         timed.setdefault(key, {})[label] = (secs, sch)
@@ -317,7 +320,7 @@ class TVMEngine:
         try:
             self.tvmlib.tune_tasks(tasks, self.target, self.tuning_dir, trials, runner=runner, counts=counts, bonus=bonus,
                                    on_trials=lambda name, n: bar.update(min(n, bar.total - bar.n)),
-                                   cross_compiler=self.cfg.cross_compiler)
+                                   cross_compiler=self.cfg.cross_compiler, cold=self.cold)
         except Exception as exc:
             raise CompileError(f"MetaSchedule failed: {str(exc).splitlines()[-1][:200]}",
                                "check apache-tvm-ffi<0.1.15 and that psutil, cloudpickle, tornado, xgboost are installed") from None
