@@ -201,7 +201,8 @@ def tune_tasks(tasks, target, work_dir: str | Path, trials_per_task: int, runner
             max_trials_global=search_budget(len(contexts), trials_per_task, bonus),
             max_trials_per_task=trials_per_task * (SHARE if bonus else 1),
             num_trials_per_iter=_round_size(trials_per_task), database=db,
-            task_scheduler="gradient", runner=runner or (local_runner(True) if cold else "local"), builder=builder, measure_callbacks=callbacks)
+            task_scheduler="gradient", runner=runner or (local_runner(True) if cold else "local"), builder=builder,
+            measure_callbacks=callbacks)
     finally:
         builder.close()
     return db
@@ -264,6 +265,7 @@ def _evaluator(cold: bool = False):
 
 
 def local_runner(cold: bool = False):
+    """MetaSchedule's runner on this machine, timing hot or cold."""
     from tvm.s_tir import meta_schedule as ms
 
     return ms.runner.LocalRunner(evaluator_config=_evaluator(cold))
@@ -341,7 +343,8 @@ def session_runner(rpc, cold: bool = False):
     """A MetaSchedule runner that times candidates on the device behind a latprof session (its TVM RPC
     session): tuning and transfer then measure on the device the table is for, whatever its transport.
     A farm session holding several devices (`.sessions`) runs candidates on all of them at once, one
-    candidate per device at a time. A failing candidate is reported, not raised."""
+    candidate per device at a time. A failing candidate is reported, not raised. `cold`: each run after a
+    cache flush on the device (`_evaluator`)."""
     import queue
     from concurrent.futures import ThreadPoolExecutor
 
