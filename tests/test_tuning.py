@@ -566,21 +566,25 @@ def test_cold_tuning_is_labelled_and_kept_apart(tmp_path):
 
 def test_cold_timing_runs_here_and_through_a_device_session(monkeypatch, tmp_path):
     """Candidates timed after a cache flush, by MetaSchedule's local runner and through the local
-    device's real RPC server (the flush is a function of the TVM runtime on the device)."""
+    device's real RPC server (the flush is a function of the TVM runtime on the device); a cold engine
+    on this machine hands tuning and transfer the cold local runner."""
     from latprof.compile import tvmlib
     from latprof.devices import load_config, open_session
+    from latprof.measure.engines import TVMEngine
 
     cfg = load_config("local")
     target = tvmlib.make_target(tvmlib.target_dict(cfg.target, 1))
     naive, fast = _matmul_schedules()
     monkeypatch.setenv("TMPDIR", str(tmp_path))
     errors: list = []
-    local = tvmlib.benchmark([naive, fast], target, cold=True, errors=errors)
+    local = tvmlib.benchmark([naive, fast], target, runner=tvmlib.local_runner(cold=True), errors=errors)
     with open_session(cfg) as session:
         remote = tvmlib.benchmark([naive, fast], target, runner=tvmlib.session_runner(session.rpc, cold=True),
                                   errors=errors)
     assert errors == [None] * 4 and all(t is not None and t > 0 for t in local + remote), (errors, local, remote)
     assert tvmlib._evaluator(True).enable_cpu_cache_flush and not tvmlib._evaluator().enable_cpu_cache_flush
+    cold_engine = TVMEngine(load_config(str(write_config(tmp_path / "c.yaml", tuning={"cache": "cold"}))), tmp_path)
+    assert cold_engine._runner(None).evaluator_config.enable_cpu_cache_flush and TVMEngine(cfg, tmp_path)._runner(None) is None
 
 
 def test_a_record_tvm_cannot_read_back_is_set_aside_not_the_whole_database(tmp_path, capsys):

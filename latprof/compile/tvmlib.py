@@ -164,13 +164,12 @@ def search_budget(n_tasks: int, trials_per_task: int, bonus: bool = True) -> int
 
 def tune_tasks(tasks, target, work_dir: str | Path, trials_per_task: int, runner=None, seed: int = 0,
                on_trials=None, cross_compiler: str | None = None, counts: list[int] | None = None,
-               bonus: bool = True, cold: bool = False):
+               bonus: bool = True):
     """Tune extracted tasks together into the persistent database at work_dir: one builder/runner pool
     and one cost model for all of them (per-task calls spent minutes each on pool start-up here).
     Each task gets `trials_per_task` candidates, and the slowest ones more (BONUS, SHARE); `counts` says
     how many times each task's graph runs in the model (twelve for a DeiT block), which weighs its time.
-    `bonus=False` gives every task its trials_per_task and no more. `cold`: candidates timed cold
-    (`_evaluator`) when no runner is given.
+    `bonus=False` gives every task its trials_per_task and no more.
     `on_trials(task_name, n)` is called as a task's candidates go to be built and measured (progress)."""
     from tvm.s_tir import meta_schedule as ms
 
@@ -201,8 +200,7 @@ def tune_tasks(tasks, target, work_dir: str | Path, trials_per_task: int, runner
             max_trials_global=search_budget(len(contexts), trials_per_task, bonus),
             max_trials_per_task=trials_per_task * (SHARE if bonus else 1),
             num_trials_per_iter=_round_size(trials_per_task), database=db,
-            task_scheduler="gradient", runner=runner or (local_runner(True) if cold else "local"), builder=builder,
-            measure_callbacks=callbacks)
+            task_scheduler="gradient", runner=runner or "local", builder=builder, measure_callbacks=callbacks)
     finally:
         builder.close()
     return db
@@ -390,14 +388,14 @@ def session_runner(rpc, cold: bool = False):
 
 
 def benchmark(schedules: list, target, on_done=None, chunk: int = 32, runner=None,
-              cross_compiler: str | None = None, errors: list | None = None, cold: bool = False) -> list[float | None]:
+              cross_compiler: str | None = None, errors: list | None = None) -> list[float | None]:
     """Median run time in seconds of each schedule's function (None where it failed to build or run),
     built and run the way MetaSchedule measures its candidates: one builder pool, and the given runner
     (default: MetaSchedule's local one, this machine). `on_done(n)` is called as candidates finish.
     `errors`, if given, receives one entry per schedule: None, or why it has no time (build or run
     error, first line)."""
     out: list[float | None] = []
-    for times, why in benchmark_chunks(schedules, target, chunk, runner, cross_compiler, cold):
+    for times, why in benchmark_chunks(schedules, target, chunk, runner, cross_compiler):
         out += times
         if errors is not None:
             errors += why
@@ -406,8 +404,7 @@ def benchmark(schedules: list, target, on_done=None, chunk: int = 32, runner=Non
     return out
 
 
-def benchmark_chunks(schedules: list, target, chunk: int = 32, runner=None, cross_compiler: str | None = None,
-                     cold: bool = False):
+def benchmark_chunks(schedules: list, target, chunk: int = 32, runner=None, cross_compiler: str | None = None):
     """`benchmark`, chunk by chunk: yields (times, why) for the next `chunk` schedules, so a caller can
     keep what is timed before the rest has run (a long transfer stopped midway loses one chunk)."""
     import statistics
@@ -416,7 +413,7 @@ def benchmark_chunks(schedules: list, target, chunk: int = 32, runner=None, cros
 
     target = make_target(target) if isinstance(target, dict) else target
     builder = candidate_builder(cross_compiler)
-    runner = runner or local_runner(cold)
+    runner = runner or local_runner()
     device = "cpu" if target.kind.name == "llvm" else str(target.kind.name)
     try:
         for i in range(0, len(schedules), chunk):

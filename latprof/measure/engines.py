@@ -181,8 +181,10 @@ class TVMEngine:
         return [t for t in self.tvmlib.extract_tasks(mod, self.target) if tuning.is_heavy(t.task_name)]
 
     def _runner(self, session):
+        """Who times tuning candidates: the device through its session; for this machine, MetaSchedule's
+        own runner (None: its defaults, hot), or a cold one."""
         if self.cfg.transport == "local":
-            return None
+            return self.tvmlib.local_runner(cold=True) if self.cold else None
         if session is None:  # a remote target cannot be timed here: its candidates run on the device
             raise DeviceError(f"tuning for '{self.cfg.name}' needs the device connected",
                               "run `latprof tune`/`measure` with the device reachable, or set tuning.trials_per_task: 0")
@@ -294,7 +296,7 @@ class TVMEngine:
             bar = progress(total=len(flat), desc=f"transfer {len(last)} tasks", unit="candidate")
             seen = 0
             for times, errors in self.tvmlib.benchmark_chunks([sch for _, _, sch in flat], self.target, runner=runner,
-                                                              cross_compiler=self.cfg.cross_compiler, cold=self.cold):
+                                                              cross_compiler=self.cfg.cross_compiler):
                 for (key, label, sch), secs, why in zip(flat[seen:], times, errors):
                     if secs is not None:
                         timed.setdefault(key, {})[label] = (secs, sch)
@@ -320,7 +322,7 @@ class TVMEngine:
         try:
             self.tvmlib.tune_tasks(tasks, self.target, self.tuning_dir, trials, runner=runner, counts=counts, bonus=bonus,
                                    on_trials=lambda name, n: bar.update(min(n, bar.total - bar.n)),
-                                   cross_compiler=self.cfg.cross_compiler, cold=self.cold)
+                                   cross_compiler=self.cfg.cross_compiler)
         except Exception as exc:
             raise CompileError(f"MetaSchedule failed: {str(exc).splitlines()[-1][:200]}",
                                "check apache-tvm-ffi<0.1.15 and that psutil, cloudpickle, tornado, xgboost are installed") from None
