@@ -22,7 +22,8 @@ from pathlib import Path
 import numpy as np
 
 
-def libs_for(model: str, workdir: Path, config: str, kepts: list) -> dict:
+def libs_for(model: str, workdir: Path, config: str, kepts: list) -> tuple[dict, np.ndarray]:
+    """Each schedule's compiled whole model in this workdir's tuning, and an input for them."""
     from latprof.devices.config import load_config
     from latprof.measure.runner import make_engine
     from latprof.models import get_model
