@@ -5,25 +5,23 @@ falls on both alike. Prints each schedule's latency under both and the ratio.
     python benchmarks/tunings.py --model pit_xs --a /tmp/hot/w:/tmp/hot/w/tvm.yaml \\
         --b /tmp/cold/w:/tmp/cold/w/cold.yaml --configs 20
 
-Each side is WORKDIR:DEVICE_CONFIG; the schedules are those side B's validation measured (its
-validate/*.jsonl), and both workdirs must already hold their compiled models (compiles nothing new
-only if they do: a validation in each, with the same schedules, is the way to get there).
+Each side is WORKDIR:DEVICE_CONFIG, both for this machine or for the same device: they are timed as
+`validate` times them (a session on B's device, each engine's own `measure`). The schedules are those
+side B's validation measured (its validate/*.jsonl); both workdirs should already hold their compiled
+models (a validation in each, with the same schedules), or they are tuned and compiled first.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import sys
 from pathlib import Path
 
-import numpy as np
 
-
-def libs_for(model: str, workdir: Path, config: str, kepts: list) -> tuple[dict, np.ndarray]:
-    """Each schedule's compiled whole model in this workdir's tuning, and an input for them."""
+def side(model: str, workdir: Path, config: str, kepts: list):
+    """The engine of one tuning, and each schedule's whole model with its compiled library."""
     from latprof.devices.config import load_config
     from latprof.measure.runner import make_engine
     from latprof.models import get_model
@@ -31,10 +29,10 @@ def libs_for(model: str, workdir: Path, config: str, kepts: list) -> tuple[dict,
     from latprof.validate import _export_model
 
     spec, cfg = get_model(model), load_config(config)
-    eng = make_engine(cfg.engine, cfg, spec, workdir, cfg.tuning.get("trials_per_task"))
+    eng = make_engine(cfg.engine, cfg, spec, workdir)
     graphs = [_export_model(spec, k, workdir / "graphs") for k in kepts]
     libs = eng.prepare(graphs, bar_factory(False), anchors=[])
-    return {tuple(k): libs[g.digest] for k, g in zip(kepts, graphs)}, graphs[0].example_input()
+    return eng, [(g, libs[g.digest]) for g in graphs]
 
 
 def main(argv=None) -> int:
@@ -45,41 +43,34 @@ def main(argv=None) -> int:
     ap.add_argument("--configs", type=int, default=20)
     ap.add_argument("--rounds", type=int, default=4)
     args = ap.parse_args(argv)
-    os.environ.setdefault("TVM_NUM_THREADS", "1")
-    import tvm
-    from tvm import relax
+    from latprof.devices import open_session
 
-    sides = {name: (Path(v.split(":")[0]), v.split(":", 1)[1]) for name, v in (("A", args.a), ("B", args.b))}
+    paths = {name: (Path(v.split(":")[0]), v.split(":", 1)[1]) for name, v in (("A", args.a), ("B", args.b))}
     kepts = []
-    for path in sorted((sides["B"][0] / "validate").glob(f"*-{args.model}-*.jsonl")):
+    for path in sorted((paths["B"][0] / "validate").glob(f"*-{args.model}-*.jsonl")):
         for line in path.read_text().splitlines():
             k = json.loads(line)["kept"]
             if k not in kepts:
                 kepts.append(k)
     kepts = kepts[: args.configs]
     if not kepts:
-        sys.exit(f"error: no validated schedules of {args.model} in {sides['B'][0]}/validate; run `latprof validate` there first")
-    dev = tvm.cpu()
-    vms, x = {}, None
-    for name, (wd, cfg) in sides.items():
-        libs, x = libs_for(args.model, wd, cfg, kepts)
-        vms.update({(name, k): relax.VirtualMachine(tvm.runtime.load_module(p), dev) for k, p in libs.items()})
-    arg = tvm.runtime.tensor(np.asarray(x), dev)
-    samples = {key: [] for key in vms}
-    for rnd in range(args.rounds):
-        for k in map(tuple, kepts):
-            for name in ("A", "B") if rnd % 2 == 0 else ("B", "A"):
-                vm = vms[(name, k)]
-                for _ in range(3):
-                    vm["main"](arg)
-                timer = vm.time_evaluator("main", dev, number=1, repeat=1, min_repeat_ms=25)
-                samples[(name, k)] += [min(timer(arg).results) * 1e3 for _ in range(5)]
+        sys.exit(f"error: no validated schedules of {args.model} in {paths['B'][0]}/validate; run `latprof validate` there first")
+    sides = {name: side(args.model, wd, cfg, kepts) for name, (wd, cfg) in paths.items()}
+    samples = {(name, i): [] for name in sides for i in range(len(kepts))}
+    # both timed as the table and validate time them: the device session, the engine's measure (the B
+    # config's device, its warmup, repeats and threads)
+    with open_session(sides["B"][0].cfg) as session:
+        for rnd in range(args.rounds):
+            for i in range(len(kepts)):
+                for name in ("A", "B") if rnd % 2 == 0 else ("B", "A"):
+                    eng, models = sides[name]
+                    samples[(name, i)] += eng.measure(session, *models[i])[0]
     ratios = []
     print(f"{'kept':18s} {'A min (median) ms':>20s} {'B min (median) ms':>20s}  B/A min, median")
-    for k in map(tuple, kepts):
-        a, b = samples[("A", k)], samples[("B", k)]
+    for i, k in enumerate(kepts):
+        a, b = samples[("A", i)], samples[("B", i)]
         ratios.append(min(b) / min(a))
-        print(f"{str(list(k)):18s} {min(a):9.3f} ({statistics.median(a):7.3f}) {min(b):9.3f} ({statistics.median(b):7.3f})"
+        print(f"{str(k):18s} {min(a):9.3f} ({statistics.median(a):7.3f}) {min(b):9.3f} ({statistics.median(b):7.3f})"
               f"  {min(b) / min(a):.3f}, {statistics.median(b) / statistics.median(a):.3f}")
     print(f"B/A end to end (min statistic) over {len(kepts)} schedules: median {statistics.median(ratios):.3f}, "
           f"{min(ratios):.3f}..{max(ratios):.3f}; A = {args.a}, B = {args.b}")

@@ -548,7 +548,6 @@ def test_tuning_of_the_same_target_under_another_device_name_is_pointed_out(tmp_
     assert other.other_tunings() == []  # another target (threads are part of it): not the same tuning
 
 
-
 def test_cold_tuning_is_labelled_and_kept_apart(tmp_path):
     """Records timed cold and hot go to databases of their own (the fastest record of a task wins, so
     mixed they would not compare like with like), and a table says which it was measured with."""
