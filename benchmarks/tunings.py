@@ -43,18 +43,20 @@ def main(argv=None) -> int:
     ap.add_argument("--configs", type=int, default=20)
     ap.add_argument("--rounds", type=int, default=4)
     args = ap.parse_args(argv)
-    from latprof.devices import open_session
+    from latprof.devices import load_config, open_session
+    from latprof.validate import results_path
 
-    paths = {name: (Path(v.split(":")[0]), v.split(":", 1)[1]) for name, v in (("A", args.a), ("B", args.b))}
+    paths = {name: (Path(v.partition(":")[0]), v.partition(":")[2]) for name, v in (("A", args.a), ("B", args.b))}
+    b_cfg = load_config(paths["B"][1])
+    rpath = results_path(paths["B"][0], b_cfg.name, args.model, b_cfg.engine)
     kepts = []
-    for path in sorted((paths["B"][0] / "validate").glob(f"*-{args.model}-*.jsonl")):
-        for line in path.read_text().splitlines():
-            k = json.loads(line)["kept"]
-            if k not in kepts:
-                kepts.append(k)
+    for line in rpath.read_text().splitlines() if rpath.exists() else []:
+        k = json.loads(line)["kept"]
+        if k not in kepts:
+            kepts.append(k)
     kepts = kepts[: args.configs]
     if not kepts:
-        sys.exit(f"error: no validated schedules of {args.model} in {paths['B'][0]}/validate; run `latprof validate` there first")
+        sys.exit(f"error: no validated schedules of {args.model} in {rpath}; run `latprof validate` there first")
     sides = {name: side(args.model, wd, cfg, kepts) for name, (wd, cfg) in paths.items()}
     samples = {(name, i): [] for name in sides for i in range(len(kepts))}
     # both timed as the table and validate time them: the device session, the engine's measure (the B
