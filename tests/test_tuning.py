@@ -616,3 +616,33 @@ def test_a_record_tvm_cannot_read_back_is_set_aside_not_the_whole_database(tmp_p
     assert len(tvmlib.database(tmp_path)) == 1 and "warning" not in capsys.readouterr().out  # nothing more to do
     # the task is known as one whose records TVM cannot read back, so it is not searched again each run
     assert tuning.TuningDB(tmp_path).rejected() == {tuning.module_key(mod)}
+
+
+def test_a_library_loaded_twice_in_one_session_is_uploaded_once(tmp_path):
+    """Two consumers of one compiled library in one session (benchmarks/tunings.py given one workdir
+    for both sides): writing it again over the copy the server has loaded killed the server."""
+    import numpy as np
+    import tvm
+    from tvm.script import relax as R
+
+    from latprof.compile import tvmlib
+    from latprof.devices import load_config, open_session
+
+    @tvm.script.ir_module
+    class Double:
+        @R.function
+        def main(x: R.Tensor((4, 4), "float32")):
+            with R.dataflow():
+                y = R.add(x, x)
+                R.output(y)
+            return y
+
+    cfg = load_config("local")
+    target = tvmlib.make_target(tvmlib.target_dict(cfg.target, 1))
+    lib = tvmlib.export_library(tvmlib.build(Double, target, None), tmp_path / "double.so", None)
+    x = np.arange(16, dtype="float32").reshape(4, 4)
+    with open_session(cfg) as session:
+        first = tvmlib.load_remote(session.rpc, lib)
+        second = tvmlib.load_remote(session.rpc, lib)
+        for vm, dev in (first, second, first):
+            np.testing.assert_array_equal(tvmlib.run_vm(vm, dev, [x]), 2 * x)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import functools
 import math
 import os
+import weakref
 from pathlib import Path
 
 from latprof.errors import CompileError, DeviceError, require
@@ -527,12 +528,20 @@ def configure_threads(sess, threads: int | None, cpus: list | None = None) -> No
         sess.get_function("runtime.config_threadpool")(0, threads)
 
 
+# Libraries each live RPC session already holds. Writing a library again over one the server has loaded
+# kills the server (kShutdown); names are content-addressed, so a name uploaded once is current.
+_UPLOADED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
 def load_remote(sess, lib_path: str | Path):
-    """Upload a compiled library and open a Relax VM on it on the remote device."""
+    """Upload a compiled library (once per session) and open a Relax VM on it on the remote device."""
     from tvm import relax
 
     lib_path = Path(lib_path)
-    sess.upload(str(lib_path))
+    uploaded = _UPLOADED.setdefault(sess, set())
+    if lib_path.name not in uploaded:
+        sess.upload(str(lib_path))
+        uploaded.add(lib_path.name)
     rlib = sess.load_module(lib_path.name)
     dev = sess.cpu()
     return relax.VirtualMachine(rlib, dev), dev
