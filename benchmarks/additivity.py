@@ -98,8 +98,9 @@ def graphs(spec, schedule, workdir: Path):
     return whole, units, probe, len(tokens)
 
 
-def callables(engine: str, gs: list, workdir: Path, spec, schedule, threads: int, device: str = "local") -> list:
-    """A zero-argument function per graph that runs it once on its example input, in this process."""
+def callables(engine: str, gs: list, workdir: Path, spec, schedules: list, threads: int, device: str = "local") -> list:
+    """A zero-argument function per graph that runs it once on its example input, in this process
+    (`schedules`: the token schedules the graphs belong to)."""
     import numpy as np
 
     if engine == "onnxruntime":
@@ -126,7 +127,7 @@ def callables(engine: str, gs: list, workdir: Path, spec, schedule, threads: int
     cfg = dataclasses.replace(load_config(device), threads=threads)  # its name and target key the tuning database
     eng = make_engine("tvm", cfg, spec, workdir)
     # as validate: the units at the schedule's N transferred from the anchors first (measure tuned those)
-    libs = _prepare(eng, spec, gs, workdir, bar_factory(True), [schedule])
+    libs = _prepare(eng, spec, gs, workdir, bar_factory(True), schedules)
     tvm.get_global_func("runtime.config_threadpool")(0, threads)
     out = []
     for g in gs:
@@ -160,7 +161,7 @@ def main() -> None:
     workdir = Path(args.workdir)
     whole_g, unit_gs, probe_g, n_calls = graphs(spec, schedule, workdir)
     extra = [glue_graph(spec, schedule, workdir)] if args.glue else []
-    fns = callables(args.engine, [whole_g, *(g for g, _ in unit_gs), probe_g, *extra], workdir, spec, schedule,
+    fns = callables(args.engine, [whole_g, *(g for g, _ in unit_gs), probe_g, *extra], workdir, spec, [schedule],
                     args.threads, args.device)
     whole, units, probe = fns[0], fns[1:1 + len(unit_gs)], fns[1 + len(unit_gs)]
     glue = fns[-1] if extra else None
