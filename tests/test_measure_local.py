@@ -1,5 +1,6 @@
 """The local vertical slice with the real TVM and a real RPC server process, on a small grid."""
 
+import collections
 import json
 import os
 import signal
@@ -31,7 +32,9 @@ def test_measure_build_lut_and_resume(workdir, tmp_path):
     assert (result.measured, result.skipped) == (n_points, 0)
     records = [json.loads(line) for line in store_path(workdir, "testdev").read_text().splitlines()]
     points = [r for r in records if not r["reference"]]
-    assert len(points) == n_points and all(len(r["samples_ms"]) == 5 for r in points)
+    # a point taken while the reference moved past 5% is measured once more (drift_retries: 1)
+    keys = collections.Counter(r["key"] for r in points)
+    assert len(keys) == n_points and max(keys.values()) <= 2 and all(len(r["samples_ms"]) == 5 for r in points)
     assert all(r["max_abs_err"] < 2e-3 for r in points)  # the device's output matched onnxruntime
     assert any(r["reference"] for r in records)  # drift reference re-measured
     # a rerun measures nothing and compiles nothing
@@ -50,6 +53,29 @@ def test_measure_build_lut_and_resume(workdir, tmp_path):
     assert list(b0[0]) == [9, 17] and np.allclose(b0[1], b11[1])
     assert (t.frame["n_samples"] == 5).all()
     assert table.provenance["settings"]["threads"] == 1
+
+
+def test_points_between_references_that_disagree_are_measured_again(workdir, tmp_path):
+    """With a zero tolerance every bracket disagrees: each point is measured once more, and no more
+    (drift_retries: 1); the table takes the newest samples; the policy is not part of the settings."""
+    from latprof.devices.config import load_config
+
+    cfg = write_config(tmp_path / "dev.yaml", measure={"reference_every": 2, "drift_tolerance": 0.0, "drift_retries": 1})
+    lines = []
+    result = measure(str(cfg), "deit_t", [9], progress=False, echo=lines.append)
+    n_points, _ = expected_points([9])
+    records = [json.loads(line) for line in store_path(workdir, "testdev").read_text().splitlines()]
+    points = [r for r in records if not r["reference"]]
+    assert result.measured == n_points
+    assert sorted(collections.Counter(r["key"] for r in points).values()) == [2] * n_points
+    assert any(f"measured {n_points} points again" in line for line in lines)
+    # every point's last samples have a reference after them (the closing one)
+    assert records[-1]["reference"]
+    table = build_and_write(store_path(workdir, "testdev"), tmp_path / "t.csv", drift_correction=False)
+    last = {r["tokens"]: r for r in points if r["unit"] == "block"}[9]
+    row = table.frame[(table.frame["unit"] == "blocks.0") & (table.frame["tokens"] == 9)].iloc[0]
+    assert row["median_ms"] == pytest.approx(float(np.median(last["samples_ms"])))
+    assert "drift_retries" not in load_config(str(cfg)).settings()
 
 
 def test_onnxruntime_engine(workdir, tmp_path):

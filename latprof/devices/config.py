@@ -26,7 +26,12 @@ _MEASURE = {
     "cooldown_s": (float, 0.0),    # pause between points
     "reference_every": (int, 8),   # re-measure the reference point every k points (drift check)
     "drift_tolerance": (float, 0.05),
+    # points taken between two references that disagree by more than drift_tolerance are measured
+    # again, up to this many times each: a table taken while the host changed speed is not trusted
+    "drift_retries": (int, 1),
 }
+# policy, not a condition of the samples: left out of the settings recorded with them (and their keys)
+_POLICY = ("drift_retries",)
 _TUNING = {
     "trials_per_task": (int, 32),
     "anchors": (list, None),       # token counts tuned for real; default: see compile/tuning.py
@@ -69,7 +74,8 @@ class DeviceConfig:
 
     def settings(self) -> dict:
         """Measurement settings that make samples comparable (recorded with every sample)."""
-        return {**self.measure, "threads": self.threads, "cpus": self.cpus}
+        kept = {k: v for k, v in self.measure.items() if k not in _POLICY}
+        return {**kept, "threads": self.threads, "cpus": self.cpus}
 
 
 def _check(section: dict, schema: dict, where: str, source: str) -> dict:

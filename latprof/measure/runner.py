@@ -217,25 +217,48 @@ def measure(device: str | DeviceConfig, model: str, tokens: str | list[int] | Ca
         bar = bars(total=len(todo), desc=f"measure {spec.name} on {cfg.name} ({eng.name})", unit="point")
         queue = list(todo)
 
+        tolerance, retries = cfg.measure["drift_tolerance"], cfg.measure["drift_retries"]
+        tries: collections.Counter = collections.Counter()  # times each point was measured in this run
+        again: list[int] = []  # points measured again because the reference moved around them
+
         def lane(sess, lane_eng, lane_info, medians: list[float]) -> None:
-            """Measure points from the shared queue on one device (each farm device is a lane)."""
+            """Measure points from the shared queue on one device (each farm device is a lane). The points
+            between two references that disagree by more than the tolerance go back to the queue's head."""
             nonlocal measured
-            i = 0
+            i, bracket = 0, []
+
+            def check_reference() -> None:
+                rs, rerr = lane_eng.measure(sess, reference, ref_artifacts[reference.digest])
+                prev = medians[-1] if medians else None
+                medians.append(_median(rs))
+                with lock:
+                    record(reference, rs, rerr, lane_info, True)
+                    if prev is not None and abs(medians[-1] / prev - 1) > tolerance:
+                        redo = [g for g in bracket if tries[g.digest] <= retries]
+                        queue[:0] = redo
+                        again.extend(g.tokens for g in redo)
+                bracket.clear()
+
             while True:
                 with lock:
-                    if not queue or failed:
+                    if failed:
                         return
-                    g = queue.pop(0)
+                    g = queue.pop(0) if queue else None
+                if g is None:
+                    if not (every and bracket):
+                        return
+                    check_reference()  # close the last bracket (and give its points a reference after them)
+                    continue
                 if every and i % every == 0:  # each device's own drift reference
-                    rs, rerr = lane_eng.measure(sess, reference, ref_artifacts[reference.digest])
-                    medians.append(_median(rs))
-                    with lock:
-                        record(reference, rs, rerr, lane_info, True)
+                    check_reference()
                 samples, err = lane_eng.measure(sess, g, artifacts[g.digest])
                 with lock:
                     record(g, samples, err, lane_info, False)
-                    measured += 1
-                    bar.update(1)
+                    tries[g.digest] += 1
+                    if tries[g.digest] == 1:
+                        measured += 1
+                        bar.update(1)
+                bracket.append(g)
                 i += 1
                 if cfg.measure["cooldown_s"]:
                     time.sleep(cfg.measure["cooldown_s"])
@@ -253,6 +276,9 @@ def measure(device: str | DeviceConfig, model: str, tokens: str | list[int] | Ca
     finally:
         if session_cm:
             session_cm.__exit__(None, None, None)
+    if again:
+        echo(f"measured {len(again)} points again: the reference moved by more than "
+             f"{cfg.measure['drift_tolerance']:.0%} around them (the newest samples of a point make the table)")
     drifts = [max(m) / min(m) - 1 for m in ref_medians.values() if len(m) > 1]
     drift = max(drifts) if drifts else None
     if drift is not None and drift > cfg.measure["drift_tolerance"]:
