@@ -219,7 +219,6 @@ def measure(device: str | DeviceConfig, model: str, tokens: str | list[int] | Ca
 
         tolerance, retries = cfg.measure["drift_tolerance"], cfg.measure["drift_retries"]
         tries: collections.Counter = collections.Counter()  # times each point was measured in this run
-        again: list[int] = []  # points measured again because the reference moved around them
 
         def lane(sess, lane_eng, lane_info, medians: list[float]) -> None:
             """Measure points from the shared queue on one device (each farm device is a lane). The points
@@ -236,7 +235,6 @@ def measure(device: str | DeviceConfig, model: str, tokens: str | list[int] | Ca
                     if prev is not None and abs(medians[-1] / prev - 1) > tolerance:
                         redo = [g for g in bracket if tries[g.digest] <= retries]
                         queue[:0] = redo
-                        again.extend(g.tokens for g in redo)
                 bracket.clear()
 
             while True:
@@ -276,8 +274,9 @@ def measure(device: str | DeviceConfig, model: str, tokens: str | list[int] | Ca
     finally:
         if session_cm:
             session_cm.__exit__(None, None, None)
+    again = sum(tries.values()) - len(tries)
     if again:
-        echo(f"measured {len(again)} points again: the reference moved by more than "
+        echo(f"measured {again} points again: the reference moved by more than "
              f"{cfg.measure['drift_tolerance']:.0%} around them (the newest samples of a point make the table)")
     drifts = [max(m) / min(m) - 1 for m in ref_medians.values() if len(m) > 1]
     drift = max(drifts) if drifts else None
