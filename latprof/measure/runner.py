@@ -204,7 +204,8 @@ def measure(device: str | DeviceConfig, model: str, tokens: str | list[int] | Ca
             **provenance, **versions,
         })
 
-    measured = 0
+    tries: collections.Counter = collections.Counter()  # times each point was measured in this run
+    tolerance, retries = cfg.measure["drift_tolerance"], cfg.measure["drift_retries"]
     lock = threading.Lock()
     session_cm = open_session(cfg) if eng.needs_session else None
     session = session_cm.__enter__() if session_cm else None
@@ -217,13 +218,9 @@ def measure(device: str | DeviceConfig, model: str, tokens: str | list[int] | Ca
         bar = bars(total=len(todo), desc=f"measure {spec.name} on {cfg.name} ({eng.name})", unit="point")
         queue = list(todo)
 
-        tolerance, retries = cfg.measure["drift_tolerance"], cfg.measure["drift_retries"]
-        tries: collections.Counter = collections.Counter()  # times each point was measured in this run
-
         def lane(sess, lane_eng, lane_info, medians: list[float]) -> None:
             """Measure points from the shared queue on one device (each farm device is a lane). The points
             between two references that disagree by more than the tolerance go back to the queue's head."""
-            nonlocal measured
             i, bracket = 0, []
 
             def check_reference() -> None:
@@ -254,7 +251,6 @@ def measure(device: str | DeviceConfig, model: str, tokens: str | list[int] | Ca
                     record(g, samples, err, lane_info, False)
                     tries[g.digest] += 1
                     if tries[g.digest] == 1:
-                        measured += 1
                         bar.update(1)
                 bracket.append(g)
                 i += 1
@@ -269,7 +265,7 @@ def measure(device: str | DeviceConfig, model: str, tokens: str | list[int] | Ca
             run_lanes([(s, eng.fork(), inf, ref_medians[k]) for k, (s, inf) in enumerate(lanes)], lane, failed)
         bar.close()
     except DeviceError as exc:
-        raise DeviceError(f"{exc.message}; {measured} points measured in this run are kept in {store.path}",
+        raise DeviceError(f"{exc.message}; {len(tries)} points measured in this run are kept in {store.path}",
                           exc.fix) from None
     finally:
         if session_cm:
@@ -277,13 +273,13 @@ def measure(device: str | DeviceConfig, model: str, tokens: str | list[int] | Ca
     again = sum(tries.values()) - len(tries)
     if again:
         echo(f"measured {again} points again: the reference moved by more than "
-             f"{cfg.measure['drift_tolerance']:.0%} around them (the newest samples of a point make the table)")
+             f"{tolerance:.0%} around them (the newest samples of a point make the table)")
     drifts = [max(m) / min(m) - 1 for m in ref_medians.values() if len(m) > 1]
     drift = max(drifts) if drifts else None
-    if drift is not None and drift > cfg.measure["drift_tolerance"]:
+    if drift is not None and drift > tolerance:
         echo(f"warning: the reference point drifted by {drift:.1%} during the run (thermal or frequency change?); "
              "it is recorded in the table's provenance")
-    return MeasureResult(cfg.name, spec.name, eng.name, measured, skipped, store.path, drift)
+    return MeasureResult(cfg.name, spec.name, eng.name, len(tries), skipped, store.path, drift)
 
 
 class _Lane:
