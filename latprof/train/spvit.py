@@ -26,6 +26,18 @@ from latprof.train import pruning
 MODES = ("gumbel", "threshold", "topk-mask", "topk")
 
 
+def resolve_mode(model: nn.Module, mode: str | None, kept):
+    """The forward mode and kept counts a call means: Gumbel while training, else top-k when the model
+    was given kept counts, else thresholding; an explicit `kept` overrides the model's."""
+    mode = mode or ("gumbel" if model.training else ("topk" if model.kept is not None else "threshold"))
+    if mode not in MODES:
+        raise ValueError(f"unknown mode {mode!r}; one of {MODES}")
+    kept = tuple(kept) if kept is not None else model.kept
+    if mode.startswith("topk") and kept is None:
+        raise ValueError("top-k modes need kept counts per pruning location")
+    return mode, kept
+
+
 class SPViTOutput(NamedTuple):
     logits: torch.Tensor
     keep_prob: list      # per stage [B, P]: soft expected keep of each patch token (0 for dead ones)
@@ -61,12 +73,7 @@ class SPViT(nn.Module):
         return v.norm_pre(v.patch_drop(x))
 
     def forward(self, images: torch.Tensor, mode: str | None = None, kept=None) -> SPViTOutput:
-        mode = mode or ("gumbel" if self.training else ("topk" if self.kept is not None else "threshold"))
-        if mode not in MODES:
-            raise ValueError(f"unknown mode {mode!r}; one of {MODES}")
-        kept = tuple(kept) if kept is not None else self.kept
-        if mode.startswith("topk") and kept is None:
-            raise ValueError("top-k modes need kept counts per stage")
+        mode, kept = resolve_mode(self, mode, kept)
         x = self.embed(images)
         if mode == "topk":
             return self._forward_removal(x, kept)

@@ -22,7 +22,7 @@ from torch import nn
 
 from latprof.models.swin_nn import window_block, window_topk_block
 from latprof.train import pruning
-from latprof.train.spvit import MODES, SPViTOutput, masked_block, masked_prune
+from latprof.train.spvit import SPViTOutput, masked_block, masked_prune, resolve_mode
 
 
 class StagedSPViT(nn.Module):
@@ -41,12 +41,7 @@ class StagedSPViT(nn.Module):
         return self.selectors.parameters()
 
     def forward(self, images: torch.Tensor, mode: str | None = None, kept=None) -> SPViTOutput:
-        mode = mode or ("gumbel" if self.training else ("topk" if self.kept is not None else "threshold"))
-        if mode not in MODES:
-            raise ValueError(f"unknown mode {mode!r}; one of {MODES}")
-        kept = tuple(kept) if kept is not None else self.kept
-        if mode.startswith("topk") and kept is None:
-            raise ValueError("top-k modes need kept counts per location")
+        mode, kept = resolve_mode(self, mode, kept)
         if self.layout.family == "swin":
             return self._forward_swin(images, mode, kept)
         m = self.backbone
