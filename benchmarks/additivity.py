@@ -48,6 +48,14 @@ def llc_bytes() -> int:
     return sizes[max(sizes)] if sizes else 32 << 20
 
 
+def llc_sweep():
+    """A function that evicts the last-level cache: it reads a buffer twice the cache's size."""
+    import numpy as np
+
+    buf = np.ones(2 * llc_bytes() // 8)
+    return lambda: buf.sum()
+
+
 def per_call(fn, calls: int, before=None) -> float:
     """Median ms of `calls` single calls (each after `before()`, untimed, when given)."""
     out = []
@@ -151,8 +159,6 @@ def main() -> None:
     args = ap.parse_args()
     os.environ.setdefault("TVM_NUM_THREADS", str(args.threads))
 
-    import numpy as np
-
     from latprof.models import get_model
     from latprof.predict import parse_keep
 
@@ -167,10 +173,7 @@ def main() -> None:
     glue = fns[-1] if extra else None
     counts = [c for _, c in unit_gs]
     blockless = [not g.shared.startswith("block") for g, _ in unit_gs]
-    sweep_buf = np.ones(2 * llc_bytes() // 8)
-
-    def sweep():
-        sweep_buf.sum()
+    sweep = llc_sweep()
 
     def unit_times(before=None) -> list[float]:
         """Per graph: ms of one call times how often the schedule runs it."""

@@ -34,7 +34,7 @@ import random
 import statistics
 from pathlib import Path
 
-from additivity import callables, llc_bytes, per_call
+from additivity import callables, llc_bytes, llc_sweep, per_call
 
 
 def nnls_rel(columns: list[list[float]], target: list[float], weights: list[float]) -> list[float]:
@@ -97,8 +97,6 @@ def main() -> None:
     args = ap.parse_args()
     os.environ.setdefault("TVM_NUM_THREADS", str(args.threads))
 
-    import numpy as np
-
     from latprof.devices import load_config
     from latprof.lut.table import read_lut
     from latprof.measure.runner import export_graphs
@@ -120,11 +118,7 @@ def main() -> None:
     keys = sorted({(spec.unit(name).shared, n) for u in uses for name, n in u.items()})
     fns = callables(args.engine, [units[k] for k in keys] + wholes, workdir, spec, schedules, args.threads, args.device)
     unit_fn, whole_fn = dict(zip(keys, fns[:len(keys)])), fns[len(keys):]
-    sweep_buf = np.ones(2 * llc_bytes() // 8)
-
-    def sweep():
-        sweep_buf.sum()
-
+    sweep = llc_sweep()
     for fn in fns:
         per_call(fn, 3)
     hots, colds, wholes_ms = {k: [] for k in keys}, {k: [] for k in keys}, [[] for _ in schedules]
