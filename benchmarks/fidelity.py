@@ -77,6 +77,28 @@ def evaluate(args, device, lut, res, table, threads, loads, tag: str = "") -> No
               f"(plain-sum median error {statistics.median(errs_raw):+.1%}); drift-corrected: calibrated "
               f"{val.within(0.05, drift=True):.0%} / {val.within(0.10, drift=True):.0%}; plot {wd / f'validation{tag}-{stat}.png'}",
               flush=True)
+        one = first_reference_share(val, args.model, lut, stat)
+        if one is not None:
+            print(f"drift-corrected by the first stage's reference alone (the reference before per-stage ones): "
+                  f"{one[0]:.0%} / {one[1]:.0%}", flush=True)
+
+
+def first_reference_share(val, model: str, lut, stat: str) -> tuple[float, float] | None:
+    """Shares within ±5% / ±10% with each end to end corrected by the first block's reference alone; None
+    for a model of one stage (the same figure as above)."""
+    from latprof.lut.table import read_lut
+    from latprof.models import get_model
+    from latprof.predict import sample_stat, table_statistic
+    from latprof.validate import record_refs, reference_figures
+
+    spec = get_model(model)
+    figures = reference_figures(spec, table_statistic(read_lut(lut), stat))
+    first = next(iter(figures))
+    if len(figures) < 2 or not all(first in record_refs(c.recorded) for c in val.configs):
+        return None
+    errs = [c.predicted_ms / (c.measured_ms / (sample_stat(record_refs(c.recorded)[first], stat) / figures[first][1])) - 1
+            for c in val.configs]
+    return tuple(sum(abs(e) <= tol for e in errs) / len(errs) for tol in (0.05, 0.10))
 
 
 def main(argv=None) -> int:

@@ -28,7 +28,7 @@ from pathlib import Path
 from latprof.lut.table import read_lut
 from latprof.models import get_model
 from latprof.predict import fit_overhead, predict, schedule_of, table_statistic
-from latprof.validate import _table_id, reference_unit
+from latprof.validate import _table_id, record_refs, reference_figures, reference_weights, weighted_drift
 
 
 def scale_only(xs, ys):
@@ -65,7 +65,7 @@ def groups(workdir: Path, stat: str):
                 r = json.loads(line)
             except json.JSONDecodeError:
                 continue
-            if {"samples_ms", "ref_samples_ms", "kept", "table"} <= set(r):  # older lines lack the reference
+            if {"samples_ms", "kept", "table"} <= set(r) and record_refs(r):  # older lines lack the reference
                 rows.append(r)
         for tid in dict.fromkeys(r["table"] for r in rows):
             if tid not in tables:
@@ -74,13 +74,16 @@ def groups(workdir: Path, stat: str):
             first = next(r for r in rows if r["table"] == tid)
             model = first["model"]
             spec, ts = get_model(model), table_statistic(t, stat)
-            _, _, ref_ms = reference_unit(spec, ts)
+            figures = reference_figures(spec, ts)
             f = min if stat == "min" else statistics.median
             pts = []
             for r in (r for r in rows if r["table"] == tid and r["model"] == model):
                 # the per-call cost (1-4 us here) is left out of this comparison: every model would carry it
                 s = schedule_of(spec, r["kept"])
-                pts.append((predict(ts, model, s).sum_ms, f(r["samples_ms"]), f(r["ref_samples_ms"]) / ref_ms))
+                p = predict(ts, model, s)
+                drift = weighted_drift({u: f(xs) / figures[u][1] for u, xs in record_refs(r).items() if u in figures},
+                                       reference_weights(spec, p))
+                pts.append((p.sum_ms, f(r["samples_ms"]), drift))
             yield f"{model} {name} ({first['engine']})", pts
 
 

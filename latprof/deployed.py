@@ -34,7 +34,7 @@ class DeployedResult:
     corrected: bool          # whether an overhead sidecar was applied
     measured_ms: float
     samples_ms: list[float]
-    drift: float             # reference unit now / in the table
+    drift: float             # reference units now / in the table
     results_path: Path
 
     @property
@@ -61,7 +61,8 @@ def measure_export(device, onnx_path, lut=None, budget_ms: float | None = None, 
     from latprof.predict import parse_stat, predict, read_overhead, sample_stat, schedule_of, table_statistic
     from latprof.progress import bar_factory
     from latprof.train.export import read_export
-    from latprof.validate import _prepare, append_record, reference_graph, reference_unit, table_engine
+    from latprof.validate import (_prepare, append_record, measure_references, reference_figures, reference_graphs,
+                                  reference_weights, table_engine, weighted_drift)
 
     path = Path(onnx_path)
     info = read_export(path)
@@ -90,21 +91,23 @@ def measure_export(device, onnx_path, lut=None, budget_ms: float | None = None, 
     p = predict(table, spec.name, schedule, overhead)  # outside the table's range -> LutError before any compiling
 
     graph = export_graph(path, spec.name, info["kept"], int(info["img_size"]))
-    ref_unit, ref_n, ref_table_ms = reference_unit(spec, table)
-    ref = reference_graph(spec, workdir, bars)
+    ref_figures = reference_figures(spec, table)
+    refs = reference_graphs(spec, workdir, bars)
     with open_session(cfg) if eng.needs_session else contextlib.nullcontext() as session:
-        artifacts = _prepare(eng, spec, [graph, ref], workdir, bars, [schedule], session)
+        artifacts = _prepare(eng, spec, [graph, *refs.values()], workdir, bars, [schedule], session)
         echo(f"measuring {path.name} end to end on {cfg.name}")
-        ref_samples, _ = eng.measure(session, ref, artifacts[ref.digest])
+        ref_samples = measure_references(eng, session, refs, artifacts)
         samples, _ = eng.measure(session, graph, artifacts[graph.digest])
     budget = budget_ms if budget_ms is not None else info.get("budget_ms")
     rpath = workdir / "validate" / f"{cfg.name}-exports.jsonl"
-    append_record(rpath, ref_unit, ref_n, ref_samples, samples, onnx=str(path.resolve()), graph=graph.digest,
+    append_record(rpath, ref_samples, {u: n for u, (n, _) in ref_figures.items()}, samples, onnx=str(path.resolve()), graph=graph.digest,
                   model=spec.name, kept=list(info["kept"]), budget_ms=budget, predicted_ms=round(p.total_ms, 6),
                   engine=eng.name, tuning=eng.tuning_label(), device=cfg.name)
+    drift = weighted_drift({u: sample_stat(xs, stat) / ref_figures[u][1] for u, xs in ref_samples.items()},
+                           reference_weights(spec, p))
     return DeployedResult(path, spec.name, list(info["kept"]), cfg.name, eng.name, eng.tuning_label(), stat,
                           None if budget is None else float(budget), p.total_ms, overhead is not None,
-                          sample_stat(samples, stat), list(samples), sample_stat(ref_samples, stat) / ref_table_ms, rpath)
+                          sample_stat(samples, stat), list(samples), drift, rpath)
 
 
 def format_deployed(r: DeployedResult) -> str:
@@ -113,7 +116,7 @@ def format_deployed(r: DeployedResult) -> str:
              f"  measured   {r.measured_ms:9.3f} ms  ({r.statistic} of {len(r.samples_ms)} samples, IQR {q1:.3f}-{q3:.3f})",
              f"  predicted  {r.predicted_ms:9.3f} ms  (the table, {'with' if r.corrected else 'without'} the overhead "
              f"correction): error {r.predicted_ms / r.measured_ms - 1:+.1%}",
-             f"  machine    reference unit at {r.drift:.3f}x its figure in the table "
+             f"  machine    reference units at {r.drift:.3f}x their figures in the table "
              f"(end to end at the table's machine state: {r.measured_ms / r.drift:.3f} ms)"]
     if r.budget_ms is None:
         lines.append("  budget     none recorded (give --budget)")

@@ -92,7 +92,7 @@ def test_a_trained_export_is_timed_against_its_budget(workdir, tmp_path, one_tor
     res = runner.invoke(main, ["validate", "--device", str(cfg), "--onnx", str(onnx_path), "--budget", "0.001ms", "-q"])
     assert res.exit_code == 1 and "OVER by" in res.output, res.output
     recs = [json.loads(line) for line in (workdir / "validate" / "ortexp-exports.jsonl").read_text().splitlines()]
-    assert len(recs) == 3 and all(len(r["samples_ms"]) == 5 and len(r["ref_samples_ms"]) == 5 for r in recs)
+    assert len(recs) == 3 and all(len(r["samples_ms"]) == 5 and len(r["refs"][0]["samples_ms"]) == 5 for r in recs)
     assert [r["budget_ms"] for r in recs[1:]] == [100000.0, 0.001] and recs[0]["kept"] == kept
 
     # bad input: one line that names the fix

@@ -510,3 +510,36 @@ def test_on_grid_schedules_run_every_unit_at_a_measured_count(model):
             assert n in set(table.curve(model, unit)[0]), (s.kept, unit, n)
     drawn = random_schedules(table, spec, 12, seed=2)  # the default: anywhere in the measured ranges
     assert any(n not in set(table.curve(model, u)[0]) for s in drawn for u, n in unit_tokens(spec, s).items())
+
+
+@pytest.mark.parametrize("model", ["pit_xs", "swin_t"])
+def test_drift_reference_follows_each_stage_by_its_share_of_the_schedule(model):
+    """One reference unit per stage (its first block, dense); a schedule's drift weighs each stage's
+    ratio by its blocks' predicted time, so a stage that slowed counts as much as it costs."""
+    from latprof.validate import reference_figures, reference_units, reference_weights, weighted_drift
+
+    spec, table = get_model(model), staged_table(model)
+    lay = spec.layout
+    refs = reference_units(spec)
+    assert list(refs) == list(range(len(lay.stages)))
+    assert list(refs.values()) == [f"blocks.{st.first}" for st in lay.stages]
+    figures = reference_figures(spec, table)
+    for st, name in refs.items():
+        n = spec.unit_max(spec.unit(name))
+        assert figures[name] == (n, pytest.approx(table.latency_ms(model, name, n)))
+
+    sched = lay.from_ratios([0.5] * len(lay.locations))
+    p = predict(table, model, sched)
+    w = reference_weights(spec, p)
+    blocks = [u for u in p.units if u.unit.startswith("blocks.")]
+    assert sum(w.values()) == pytest.approx(sum(u.median_ms for u in blocks))
+    for st, name in refs.items():
+        assert w[name] == pytest.approx(sum(u.median_ms for u in blocks if lay.stage_index(int(u.unit[7:])) == st))
+    # only the first stage slowed, by 20%: the schedule's drift is 20% times that stage's share
+    ratios = {name: 1.2 if st == 0 else 1.0 for st, name in refs.items()}
+    share = w[refs[0]] / sum(w.values())
+    assert weighted_drift(ratios, w) == pytest.approx(1 + 0.2 * share)
+    assert 1.0 < weighted_drift(ratios, w) < 1.2
+    # a record of one reference (written before the per-stage reference) falls back to it alone
+    assert weighted_drift({refs[0]: 1.2}, w) == pytest.approx(1.2)
+    assert weighted_drift({}, w) is None
