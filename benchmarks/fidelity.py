@@ -77,28 +77,35 @@ def evaluate(args, device, lut, res, table, threads, loads, tag: str = "") -> No
               f"(plain-sum median error {statistics.median(errs_raw):+.1%}); drift-corrected: calibrated "
               f"{val.within(0.05, drift=True):.0%} / {val.within(0.10, drift=True):.0%}; plot {wd / f'validation{tag}-{stat}.png'}",
               flush=True)
-        one = first_reference_share(val, args.model, lut, stat)
-        if one is not None:
-            print(f"drift-corrected by the first stage's reference alone (the reference before per-stage ones): "
-                  f"{one[0]:.0%} / {one[1]:.0%}", flush=True)
+        for what, share in reference_variants(val, args.model, lut, stat).items():
+            print(f"drift-corrected by {what}: {share[0]:.0%} / {share[1]:.0%}", flush=True)
 
 
-def first_reference_share(val, model: str, lut, stat: str) -> tuple[float, float] | None:
-    """Shares within ±5% / ±10% with each end to end corrected by the first block's reference alone; None
-    for a model of one stage (the same figure as above)."""
+def reference_variants(val, model: str, lut, stat: str) -> dict[str, tuple[float, float]]:
+    """Shares within ±5% / ±10% with each end to end corrected by less of its drift reference: the
+    references before the model only, and the first stage's alone (the reference of earlier versions)."""
     from latprof.lut.table import read_lut
     from latprof.models import get_model
-    from latprof.predict import sample_stat, table_statistic
-    from latprof.validate import record_refs, reference_figures
+    from latprof.predict import predict, sample_stat, schedule_of, table_statistic
+    from latprof.validate import reference_figures, reference_weights, weighted_drift
 
     spec = get_model(model)
-    figures = reference_figures(spec, table_statistic(read_lut(lut), stat))
+    table = table_statistic(read_lut(lut), stat)
+    figures = reference_figures(spec, table)
     first = next(iter(figures))
-    if len(figures) < 2 or not all(first in record_refs(c.recorded) for c in val.configs):
-        return None
-    errs = [c.predicted_ms / (c.measured_ms / (sample_stat(record_refs(c.recorded)[first], stat) / figures[first][1])) - 1
-            for c in val.configs]
-    return tuple(sum(abs(e) <= tol for e in errs) / len(errs) for tol in (0.05, 0.10))
+    out = {}
+    for what, units, after in (("the references before each model only", list(figures), False),
+                               ("the first stage's reference alone, before the model", [first], False)):
+        errs = []
+        for c in val.configs:
+            refs = {r["unit"]: r["samples_ms"] + (r.get("after_ms", []) if after else []) for r in c.recorded.get("refs", [])}
+            if not all(u in refs for u in units):
+                return out  # results written before the per-stage reference
+            w = reference_weights(spec, predict(table, model, schedule_of(spec, c.kept)))
+            drift = weighted_drift({u: sample_stat(refs[u], stat) / figures[u][1] for u in units}, w)
+            errs.append(c.predicted_ms / (c.measured_ms / drift) - 1)
+        out[what] = tuple(sum(abs(e) <= tol for e in errs) / len(errs) for tol in (0.05, 0.10))
+    return out
 
 
 def main(argv=None) -> int:

@@ -96,14 +96,15 @@ def measure_export(device, onnx_path, lut=None, budget_ms: float | None = None, 
     with open_session(cfg) if eng.needs_session else contextlib.nullcontext() as session:
         artifacts = _prepare(eng, spec, [graph, *refs.values()], workdir, bars, [schedule], session)
         echo(f"measuring {path.name} end to end on {cfg.name}")
-        ref_samples = measure_references(eng, session, refs, artifacts)
+        before = measure_references(eng, session, refs, artifacts)
         samples, _ = eng.measure(session, graph, artifacts[graph.digest])
+        after = measure_references(eng, session, refs, artifacts)
     budget = budget_ms if budget_ms is not None else info.get("budget_ms")
     rpath = workdir / "validate" / f"{cfg.name}-exports.jsonl"
-    append_record(rpath, ref_samples, {u: n for u, (n, _) in ref_figures.items()}, samples, onnx=str(path.resolve()), graph=graph.digest,
+    append_record(rpath, before, after, {u: n for u, (n, _) in ref_figures.items()}, samples, onnx=str(path.resolve()), graph=graph.digest,
                   model=spec.name, kept=list(info["kept"]), budget_ms=budget, predicted_ms=round(p.total_ms, 6),
                   engine=eng.name, tuning=eng.tuning_label(), device=cfg.name)
-    drift = weighted_drift({u: sample_stat(xs, stat) / ref_figures[u][1] for u, xs in ref_samples.items()},
+    drift = weighted_drift({u: sample_stat(before[u] + after[u], stat) / ref_figures[u][1] for u in before},
                            reference_weights(spec, p))
     return DeployedResult(path, spec.name, list(info["kept"]), cfg.name, eng.name, eng.tuning_label(), stat,
                           None if budget is None else float(budget), p.total_ms, overhead is not None,

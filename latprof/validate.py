@@ -8,8 +8,8 @@ workdir's tuning database; unit graphs at the schedule's token counts are prepar
 model's tasks find their schedules by workload, as the table's units did), measured end to end on the
 device and compared with `latprof.predict.predict`.
 
-Before each whole model the reference units (the first block of each stage, at its dense N) are measured
-again: their ratios to the table's figures, weighted by each stage's share of the schedule's predicted
+Around each whole model the reference units (the first block of each stage, at its dense N) are measured
+again, right before and right after it: their ratios to the table's figures, weighted by each stage's share of the schedule's predicted
 time, are the machine's drift since the table was measured (other jobs, frequency, heat),
 reported next to each result and used to give a drift-corrected comparison as well (and to fit the
 calibration, which should describe the model, not the moment).
@@ -368,9 +368,10 @@ def reference_weights(spec, prediction) -> dict[str, float]:
 
 
 def record_refs(rec: dict) -> dict[str, list[float]]:
-    """A results line's reference samples by unit (lines written before the per-stage reference hold one)."""
+    """A results line's reference samples by unit, before and after the model together (lines written
+    before the per-stage reference hold one unit, measured before only)."""
     if "refs" in rec:
-        return {r["unit"]: r["samples_ms"] for r in rec["refs"]}
+        return {r["unit"]: r["samples_ms"] + r.get("after_ms", []) for r in rec["refs"]}
     if rec.get("ref_samples_ms"):
         return {rec.get("ref_unit", "blocks.0"): rec["ref_samples_ms"]}
     return {}
@@ -388,11 +389,12 @@ def measure_references(eng, session, graphs: dict, artifacts: dict) -> dict[str,
     return {name: eng.measure(session, g, artifacts[g.digest])[0] for name, g in graphs.items()}
 
 
-def append_record(path: Path, refs: dict[str, list[float]], ref_tokens: dict[str, int], samples, **fields) -> dict:
-    """One end-to-end measurement appended to a results file: its samples, the reference units' beside
-    them, what was measured (`fields`) and when."""
-    rec = {"refs": [{"unit": u, "tokens": ref_tokens[u], "samples_ms": [round(x, 6) for x in xs]}
-                    for u, xs in refs.items()], **fields,
+def append_record(path: Path, before: dict[str, list[float]], after: dict[str, list[float]], ref_tokens: dict[str, int],
+                  samples, **fields) -> dict:
+    """One end-to-end measurement appended to a results file: its samples, the reference units' right
+    before and right after them, what was measured (`fields`) and when."""
+    rec = {"refs": [{"unit": u, "tokens": ref_tokens[u], "samples_ms": [round(x, 6) for x in xs],
+                     "after_ms": [round(x, 6) for x in after[u]]} for u, xs in before.items()], **fields,
            "samples_ms": [round(x, 6) for x in samples],
            "time": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -478,17 +480,21 @@ def validate(device, model: str, lut, configs: int = 20, seed: int = 0, workdir=
                                  todo, session)
             bar = bars(total=len(todo), desc=f"measure end to end on {cfg.name}", unit="model")
             probe_medians = []
+            # the machine's state around each model: the references right before and right after it (the
+            # after of one model is the before of the next)
+            before = measure_references(eng, session, refs, artifacts) if todo else {}
             for i, s in enumerate(todo):
                 if probe is not None:  # interleaved, so the per-call cost sees the same machine state
                     probe_medians.append(statistics.median(eng.measure(session, probe, artifacts[probe.digest])[0]))
                 g = graphs[tuple(s.kept)]
-                ref_samples = measure_references(eng, session, refs, artifacts)  # the machine's state now
                 samples, _ = eng.measure(session, g, artifacts[g.digest])
-                rec = append_record(rpath, ref_samples, {u: n for u, (n, _) in ref_figures.items()}, samples,
+                after = measure_references(eng, session, refs, artifacts)
+                rec = append_record(rpath, before, after, {u: n for u, (n, _) in ref_figures.items()}, samples,
                                     table=tid, tuning=tuning,
                                     engine=eng.name, device=cfg.name, model=model, kept=list(s.kept),
                                     block_tokens=s.block_tokens(), graph=g.digest)
                 done[tuple(s.kept)] = rec
+                before = after
                 bar.update(1)
             if probe is not None:
                 probe_medians.append(statistics.median(eng.measure(session, probe, artifacts[probe.digest])[0]))
@@ -551,7 +557,7 @@ def format_validation(v: ValidationResult) -> str:
                      f"{c.sum_ms:12.3f}  {d}")
     lines.append(v.summary())
     if v.has_drift:
-        lines.append(f"against end to end corrected for machine drift (reference units re-measured before each schedule): "
+        lines.append(f"against end to end corrected for machine drift (reference units re-measured before and after each schedule): "
                      f"{v.within(0.05, drift=True):.0%} within ±5%, {v.within(0.10, drift=True):.0%} within ±10%")
     if v.overhead is not None:
         oh = v.overhead

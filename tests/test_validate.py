@@ -71,6 +71,9 @@ def test_end_to_end_validation_onnxruntime(workdir, tmp_path):
     assert rec["kept"] == v.configs[0].kept and rec["engine"] == "onnxruntime"
     # the reference unit (a block at N=197) is re-measured with every schedule: drift against the table
     assert [r["unit"] for r in rec["refs"]] == ["blocks.0"] and len(rec["refs"][0]["samples_ms"]) == 7
+    # ... right before and right after the model; the after of one model is the before of the next
+    nxt = json.loads(lines[1])
+    assert len(rec["refs"][0]["after_ms"]) == 7 and nxt["refs"][0]["samples_ms"] == rec["refs"][0]["after_ms"]
     assert v.has_drift and all(0.2 < c.drift < 5 for c in v.configs)
     assert all(c.corrected_ms == pytest.approx(c.measured_ms / c.drift) for c in v.configs)
     assert (tmp_path / "v.png").read_bytes()[:4] == b"\x89PNG"
