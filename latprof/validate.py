@@ -8,11 +8,11 @@ workdir's tuning database; unit graphs at the schedule's token counts are prepar
 model's tasks find their schedules by workload, as the table's units did), measured end to end on the
 device and compared with `latprof.predict.predict`.
 
-Around each whole model the reference units (the first block of each stage, at its dense N) are measured
-again, right before and right after it: their ratios to the table's figures, weighted by each stage's share of the schedule's predicted
-time, are the machine's drift since the table was measured (other jobs, frequency, heat),
-reported next to each result and used to give a drift-corrected comparison as well (and to fit the
-calibration, which should describe the model, not the moment).
+Around each whole model the reference units (the first block of each stage, at its dense N) are
+measured again, right before and right after it: their ratios to the table's figures, weighted by each
+stage's share of the schedule's predicted time, are the machine's drift since the table was measured
+(other jobs, frequency, heat), reported next to each result and used to give a drift-corrected
+comparison as well (and to fit the calibration, which should describe the model, not the moment).
 
 Per-config results are appended to `<workdir>/validate/<device>-<model>-<engine>.jsonl` as they come,
 keyed by (table, engine, tuning, kept): a rerun skips what is there (resumable).
@@ -318,7 +318,7 @@ def _prepare(eng, spec, graphs, workdir: Path, bars, schedules, session=None) ->
 
 
 # -- the drift reference -------------------------------------------------------------------------------
-# One unit per stage, the stage's first block at its dense N, is measured again beside every whole model.
+# One unit per stage, the stage's first block at its dense N, is measured again around every whole model.
 # One block stood for the whole model before; on this host PiT-S's first block (730 tokens) once ran 12-15%
 # slower than in its table while the whole model did not (docs/measurements.md), so a hierarchical model
 # is followed stage by stage, each stage weighted by its blocks' share of the schedule's prediction.
