@@ -86,8 +86,8 @@ def reference_variants(val, model: str, lut, stat: str) -> dict[str, tuple[float
     references before the model only, and the first stage's alone (the reference of earlier versions)."""
     from latprof.lut.table import read_lut
     from latprof.models import get_model
-    from latprof.predict import predict, sample_stat, schedule_of, table_statistic
-    from latprof.validate import reference_figures, reference_weights, weighted_drift
+    from latprof.predict import predict, schedule_of, table_statistic
+    from latprof.validate import reference_drift, reference_figures, reference_weights
 
     spec = get_model(model)
     table = table_statistic(read_lut(lut), stat)
@@ -102,7 +102,7 @@ def reference_variants(val, model: str, lut, stat: str) -> dict[str, tuple[float
             if not all(u in refs for u in units):
                 return out  # results written before the per-stage reference
             w = reference_weights(spec, predict(table, model, schedule_of(spec, c.kept)))
-            drift = weighted_drift({u: sample_stat(refs[u], stat) / figures[u][1] for u in units}, w)
+            drift = reference_drift({u: refs[u] for u in units}, figures, w, stat)
             errs.append(c.predicted_ms / (c.measured_ms / drift) - 1)
         out[what] = tuple(sum(abs(e) <= tol for e in errs) / len(errs) for tol in (0.05, 0.10))
     return out

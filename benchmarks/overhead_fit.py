@@ -28,7 +28,7 @@ from pathlib import Path
 from latprof.lut.table import read_lut
 from latprof.models import get_model
 from latprof.predict import fit_overhead, predict, schedule_of, table_statistic
-from latprof.validate import _table_id, record_refs, reference_figures, reference_weights, weighted_drift
+from latprof.validate import _table_id, record_refs, reference_drift, reference_figures, reference_weights
 
 
 def scale_only(xs, ys):
@@ -81,8 +81,7 @@ def groups(workdir: Path, stat: str):
                 # the per-call cost (1-4 us here) is left out of this comparison: every model would carry it
                 s = schedule_of(spec, r["kept"])
                 p = predict(ts, model, s)
-                drift = weighted_drift({u: f(xs) / figures[u][1] for u, xs in record_refs(r).items() if u in figures},
-                                       reference_weights(spec, p))
+                drift = reference_drift(record_refs(r), figures, reference_weights(spec, p), stat)
                 pts.append((p.sum_ms, f(r["samples_ms"]), drift))
             yield f"{model} {name} ({first['engine']})", pts
 

@@ -61,8 +61,8 @@ def measure_export(device, onnx_path, lut=None, budget_ms: float | None = None, 
     from latprof.predict import parse_stat, predict, read_overhead, sample_stat, schedule_of, table_statistic
     from latprof.progress import bar_factory
     from latprof.train.export import read_export
-    from latprof.validate import (_prepare, append_record, measure_references, reference_figures, reference_graphs,
-                                  reference_weights, table_engine, weighted_drift)
+    from latprof.validate import (_prepare, append_record, measure_references, reference_drift, reference_figures,
+                                  reference_graphs, reference_weights, table_engine)
 
     path = Path(onnx_path)
     info = read_export(path)
@@ -101,11 +101,10 @@ def measure_export(device, onnx_path, lut=None, budget_ms: float | None = None, 
         after = measure_references(eng, session, refs, artifacts)
     budget = budget_ms if budget_ms is not None else info.get("budget_ms")
     rpath = workdir / "validate" / f"{cfg.name}-exports.jsonl"
-    append_record(rpath, before, after, {u: n for u, (n, _) in ref_figures.items()}, samples, onnx=str(path.resolve()), graph=graph.digest,
-                  model=spec.name, kept=list(info["kept"]), budget_ms=budget, predicted_ms=round(p.total_ms, 6),
+    append_record(rpath, before, after, {u: n for u, (n, _) in ref_figures.items()}, samples,
+                  onnx=str(path.resolve()), graph=graph.digest, model=spec.name, kept=list(info["kept"]), budget_ms=budget, predicted_ms=round(p.total_ms, 6),
                   engine=eng.name, tuning=eng.tuning_label(), device=cfg.name)
-    drift = weighted_drift({u: sample_stat(before[u] + after[u], stat) / ref_figures[u][1] for u in before},
-                           reference_weights(spec, p))
+    drift = reference_drift({u: before[u] + after[u] for u in before}, ref_figures, reference_weights(spec, p), stat)
     return DeployedResult(path, spec.name, list(info["kept"]), cfg.name, eng.name, eng.tuning_label(), stat,
                           None if budget is None else float(budget), p.total_ms, overhead is not None,
                           sample_stat(samples, stat), list(samples), drift, rpath)

@@ -385,6 +385,12 @@ def weighted_drift(ratios: dict[str, float], weights: dict[str, float]) -> float
     return sum(ratios[u] * w for u, w in ws.items()) / sum(ws.values())
 
 
+def reference_drift(refs: dict[str, list[float]], figures: dict[str, tuple[int, float]], weights: dict[str, float],
+                    stat: str) -> float | None:
+    """A schedule's drift: each reference unit's samples (by `stat`) over its table figure, weighted."""
+    return weighted_drift({u: sample_stat(xs, stat) / figures[u][1] for u, xs in refs.items() if u in figures}, weights)
+
+
 def measure_references(eng, session, graphs: dict, artifacts: dict) -> dict[str, list[float]]:
     return {name: eng.measure(session, g, artifacts[g.digest])[0] for name, g in graphs.items()}
 
@@ -511,8 +517,7 @@ def validate(device, model: str, lut, configs: int = 20, seed: int = 0, workdir=
         xs = sorted(rec["samples_ms"])
         q = statistics.quantiles(xs, n=4) if len(xs) > 1 else [xs[0]] * 3
         weights = reference_weights(spec, p)
-        drift = weighted_drift({u: sample_stat(xs_ref, stat) / ref_figures[u][1]
-                                for u, xs_ref in record_refs(rec).items() if u in ref_figures}, weights)
+        drift = reference_drift(record_refs(rec), ref_figures, weights, stat)
         results.append(ConfigResult(i, list(s.kept), s.block_tokens(), p.sum_ms, p.total_ms, sample_stat(xs, stat),
                                     q[0], q[2], p.ci_low_ms, p.ci_high_ms, xs, drift, rec, weights))
     if calibrate:
