@@ -94,11 +94,11 @@ def reference_variants(val, model: str, lut, stat: str) -> dict[str, tuple[float
     figures = reference_figures(spec, table)
     first = next(iter(figures))
     out = {}
-    for what, units, after in (("the references before each model only", list(figures), False),
-                               ("the first stage's reference alone, before the model", [first], False)):
+    for what, units in (("the references before each model only", list(figures)),
+                        ("the first stage's reference alone, before the model", [first])):
         errs = []
         for c in val.configs:
-            refs = {r["unit"]: r["samples_ms"] + (r.get("after_ms", []) if after else []) for r in c.recorded.get("refs", [])}
+            refs = {r["unit"]: r["samples_ms"] for r in c.recorded.get("refs", [])}  # before the model
             if not all(u in refs for u in units):
                 return out  # results written before the per-stage reference
             w = reference_weights(spec, predict(table, model, schedule_of(spec, c.kept)))

@@ -102,7 +102,8 @@ def measure_export(device, onnx_path, lut=None, budget_ms: float | None = None, 
     budget = budget_ms if budget_ms is not None else info.get("budget_ms")
     rpath = workdir / "validate" / f"{cfg.name}-exports.jsonl"
     append_record(rpath, before, after, {u: n for u, (n, _) in ref_figures.items()}, samples,
-                  onnx=str(path.resolve()), graph=graph.digest, model=spec.name, kept=list(info["kept"]), budget_ms=budget, predicted_ms=round(p.total_ms, 6),
+                  onnx=str(path.resolve()), graph=graph.digest, model=spec.name, kept=list(info["kept"]),
+                  budget_ms=budget, predicted_ms=round(p.total_ms, 6),
                   engine=eng.name, tuning=eng.tuning_label(), device=cfg.name)
     drift = reference_drift({u: before[u] + after[u] for u in before}, ref_figures, reference_weights(spec, p), stat)
     return DeployedResult(path, spec.name, list(info["kept"]), cfg.name, eng.name, eng.tuning_label(), stat,
