@@ -48,8 +48,9 @@ def write_cfg(path: Path, engine: str, threads: int, repeats: int, trials: int) 
     return path
 
 
-def evaluate(args, device, lut, res, table, threads, loads, tag: str = "") -> None:
-    """Calibrate and validate against `lut` with each statistic; print the shares."""
+def evaluate(args, device, lut, res, table, threads, loads, tag: str = "") -> list[list[int]]:
+    """Calibrate and validate against `lut` with each statistic; print the shares. Returns the kept
+    counts of every schedule used (calibration and validation)."""
     from latprof.predict import overhead_path
     from latprof.validate import format_validation, validate
 
@@ -79,6 +80,32 @@ def evaluate(args, device, lut, res, table, threads, loads, tag: str = "") -> No
               flush=True)
         for what, share in reference_variants(val, args.model, lut, stat).items():
             print(f"drift-corrected by {what}: {share[0]:.0%} / {share[1]:.0%}", flush=True)
+    return [list(c.kept) for c in cal.configs + val.configs]
+
+
+def with_schedule_counts(table_counts, spec, kept_lists):
+    """`tokens` for `measure`: a table's own counts plus every N that the schedules put a unit at."""
+    from latprof.predict import schedule_of, unit_tokens
+
+    extra: dict[str, set] = {}
+    for kept in kept_lists:
+        for name, n in unit_tokens(spec, schedule_of(spec, kept)).items():
+            if spec.unit(name).kind == "tokens":
+                extra.setdefault(spec.unit(name).shared, set()).add(int(n))
+    return lambda u: sorted(set(table_counts(u)) | extra.get(u.shared, set()))
+
+
+def restricted(table, first, path: Path):
+    """`table` with only the (unit, N) rows `first` has: the same samples, interpolated between them."""
+    from latprof.lut.table import LutTable, write_lut
+
+    keep = set(zip(first.frame["model"], first.frame["unit"], first.frame["tokens"].astype(int)))
+    f = table.frame
+    mask = [(m, u, int(n)) in keep for m, u, n in zip(f["model"], f["unit"], f["tokens"])]
+    sub = LutTable(f[mask].reset_index(drop=True), table.provenance)
+    write_lut(sub, path)
+    sub.path = str(path)
+    return sub
 
 
 def reference_variants(val, model: str, lut, stat: str) -> dict[str, tuple[float, float]]:
@@ -127,7 +154,12 @@ def main(argv=None) -> int:
                     "the table's token counts), as `train` picks them")
     ap.add_argument("--remeasure", action="store_true", help="then measure the table again and validate against it "
                     "at once (the table and the end-to-end figures minutes apart)")
+    ap.add_argument("--schedule-counts", action="store_true", help="with --remeasure: the table measured again also "
+                    "holds every N the schedules put a unit at (as a table at every count would), and the schedules "
+                    "are validated against it and against the same samples at the first table's counts only")
     args = ap.parse_args(argv)
+    if args.schedule_counts and not args.remeasure:
+        ap.error("--schedule-counts needs --remeasure")
 
     from latprof.lut.build import build_and_write
     from latprof.measure.runner import measure
@@ -153,7 +185,7 @@ def main(argv=None) -> int:
     print(f"engine {res.engine} ({table.provenance.get('tuning')}), {threads} thread(s), grid {args.grid}, "
           f"{repeats} repeats, model {args.model}; table {t1 - t0:.0f} s; reference drift during the table "
           f"{table.provenance.get('reference_drift') or 0:.1%}", flush=True)
-    evaluate(args, device, lut, res, table, threads, loads)
+    kept_lists = evaluate(args, device, lut, res, table, threads, loads)
     if args.remeasure:  # the same compiled graphs, measured again now, next to the end-to-end runs below
         from latprof.measure.runner import table_tokens
 
@@ -161,13 +193,23 @@ def main(argv=None) -> int:
         stamp = time.strftime("%Y%m%d-%H%M%S")
         # the first table's own token counts (its store may hold more than this run's grid): the same range
         # gives the same random schedules, so their compiled whole models and tuning are reused
+        first = table
         counts = table_tokens(get_model(args.model), table.model_frame(args.model))
+        if args.schedule_counts:
+            counts = with_schedule_counts(counts, get_model(args.model), kept_lists)
         res = measure(device, args.model, counts, workdir=wd, progress=False, store=wd / "samples" / f"{res.device}-{stamp}.jsonl",
                       trials=args.trials if args.engine == "tvm" else None, echo=lambda *a: print(*a, file=sys.stderr))
         lut = wd / "luts" / f"{res.device}-{stamp}.csv"
         table = build_and_write(res.store, lut, engine=res.engine)
-        print(f"\n== table measured again ({time.time() - t1:.0f} s, reference drift during it "
-              f"{table.provenance.get('reference_drift') or 0:.1%}), validated against at once: {lut}", flush=True)
+        print(f"\n== table measured again ({time.time() - t1:.0f} s, {len(table.frame)} rows, reference drift during "
+              f"it {table.provenance.get('reference_drift') or 0:.1%}), validated against at once: {lut}", flush=True)
+        if args.schedule_counts:
+            grid_lut = lut.with_name(lut.stem + "-grid.csv")
+            sub = restricted(table, first, grid_lut)
+            print(f"\n== the same samples at the first table's counts only ({len(sub.frame)} rows, interpolated): "
+                  f"{grid_lut}", flush=True)
+            evaluate(args, device, grid_lut, res, sub, threads, loads, tag="-again-grid")
+            print(f"\n== every N the schedules use measured ({len(table.frame)} rows): {lut}", flush=True)
         evaluate(args, device, lut, res, table, threads, loads, tag="-again")
     print(f"1-min load average {min(loads):.1f}..{max(loads):.1f} on {os.cpu_count()} cores during the run")
     return 0
