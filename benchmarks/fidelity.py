@@ -5,6 +5,9 @@ The whole pipeline, as a user runs it, in one workdir:
   1. `latprof measure` every unit of the model on a token grid -> table (shuffled order, drift reference);
   2. `latprof validate --calibrate` on K_cal schedules (seed 1): per-call cost probe + residual -> sidecar;
   3. `latprof validate` on K fresh schedules (seed 0): out-of-sample shares, plain sum vs corrected.
+With --interleave, steps 2 and 3 measure in one pass (`validate --calibrate --alongside K`), the K
+validation schedules spread evenly among the calibration's, and step 3 only reads the results: the
+fit is still out of sample, but no longer fitted on models measured minutes before the ones it is judged on.
 The machine's load average is printed with the figures: on a shared 2-core host timings drift with
 other people's jobs, and the shares mean little without it.
 
@@ -61,7 +64,7 @@ def evaluate(args, device, lut, res, table, threads, loads, tag: str = "") -> li
         t1 = time.time()
         cal = validate(device, args.model, lut, configs=args.cal_configs, seed=1, workdir=wd, calibrate=True, stat=stat,
                        plot=wd / f"calibration{tag}-{stat}.png", progress=False, echo=lambda *a: None,
-                       on_grid=args.on_grid)
+                       on_grid=args.on_grid, alongside=args.configs if args.interleave else 0)
         loads.append(os.getloadavg()[0])
         val = validate(device, args.model, lut, configs=args.configs, seed=0, workdir=wd, stat=stat,
                        plot=wd / f"validation{tag}-{stat}.png", progress=False, echo=lambda *a: None,
@@ -152,6 +155,9 @@ def main(argv=None) -> int:
     ap.add_argument("--stats", default="median,min", help="sample statistics to evaluate (the measurements are shared)")
     ap.add_argument("--on-grid", action="store_true", help="schedules among the solver's kept counts (blocks at "
                     "the table's token counts), as `train` picks them")
+    ap.add_argument("--interleave", action="store_true", help="measure the calibration and validation schedules in one "
+                    "pass, interleaved (the calibration's constant then sees the machine as the schedules it is judged "
+                    "on do, not as it was minutes before them)")
     ap.add_argument("--remeasure", action="store_true", help="then measure the table again and validate against it "
                     "at once (the table and the end-to-end figures minutes apart)")
     ap.add_argument("--schedule-counts", action="store_true", help="with --remeasure: the table measured again also "
@@ -184,7 +190,8 @@ def main(argv=None) -> int:
     threads, repeats = settings.get("threads", args.threads), settings.get("repeats", args.repeats)
     print(f"engine {res.engine} ({table.provenance.get('tuning')}), {threads} thread(s), grid {args.grid}, "
           f"{repeats} repeats, model {args.model}; table {t1 - t0:.0f} s; reference drift during the table "
-          f"{table.provenance.get('reference_drift') or 0:.1%}", flush=True)
+          f"{table.provenance.get('reference_drift') or 0:.1%}"
+          + ("; calibration and validation measured interleaved" if args.interleave else ""), flush=True)
     kept_lists = evaluate(args, device, lut, res, table, threads, loads)
     if args.remeasure:  # the same compiled graphs, measured again now, next to the end-to-end runs below
         from latprof.measure.runner import table_tokens

@@ -58,6 +58,9 @@ def predict(lut, model, keep, tokens, engine, no_overhead, brief, stat):
                                              "(blocks at measured token counts: nothing interpolated or transferred).")
 @click.option("--calibrate", is_flag=True,
               help="Measure the per-call overhead, fit a scale and a constant and write <table>.<model>.overhead.json.")
+@click.option("--alongside", type=click.IntRange(min=0), default=0, help="With --calibrate: also measure, interleaved in the same pass, "
+              "the N schedules `validate --configs N` (seed 0) then compares, so the calibration sees the machine "
+              "as they do; that run resumes them.")
 @click.option("--stat", default=None, help="Sample statistic for table and end to end: median (default), min, q10, q25; "
                                           "with --onnx, default: the table's calibration's.")
 @click.option("--no-overhead", is_flag=True, help="Compare with the plain sum of units.")
@@ -66,8 +69,8 @@ def predict(lut, model, keep, tokens, engine, no_overhead, brief, stat):
 @click.option("--workdir", type=click.Path(path_type=Path), default=None,
               help="The workdir the table was measured with (shares the tuning database).")
 @click.option("--quiet", "-q", is_flag=True)
-def validate(device, model, lut, onnx_path, budget, configs, seed, on_grid, calibrate, stat, no_overhead, plot_out,
-             workdir, quiet):
+def validate(device, model, lut, onnx_path, budget, configs, seed, on_grid, calibrate, alongside, stat, no_overhead,
+             plot_out, workdir, quiet):
     """Build, compile and measure the whole pruned MODEL for random schedules; compare with the table.
     With --onnx, time one trained, exported model against its budget instead."""
     from latprof.measure.runner import default_workdir
@@ -80,6 +83,12 @@ def validate(device, model, lut, onnx_path, budget, configs, seed, on_grid, cali
     if model is None or lut is None:
         raise UsageError("validate needs --model and --lut", "e.g. --model deit_t --lut luts/local.csv "
                          "(or --onnx FILE for a trained model)")
+    if alongside and not calibrate:
+        raise UsageError(f"--alongside {alongside} without --calibrate", "add --calibrate (the validation then resumes "
+                         "the schedules measured alongside)")
+    if alongside and seed == 0:
+        raise UsageError("--alongside with --seed 0: the calibration would share the validation's schedules",
+                         "calibrate with another seed, e.g. --seed 1")
     out = plot_out or wd / "validate" / f"{Path(device).stem}-{model}{'-calibration' if calibrate else ''}.png"
     try:
         import matplotlib  # noqa: F401
@@ -88,7 +97,7 @@ def validate(device, model, lut, onnx_path, budget, configs, seed, on_grid, cali
         click.echo("matplotlib missing: no plot (pip install 'latprof[plot]')", err=True)
     result = run(device, model, lut, configs=configs, seed=seed, workdir=wd, calibrate=calibrate, plot=out,
                  progress=not quiet, echo=click.echo, use_overhead=not no_overhead, stat=stat or "median",
-                 on_grid=on_grid)
+                 on_grid=on_grid, alongside=alongside)
     click.echo(format_validation(result))
     if calibrate and result.overhead is not None:
         from latprof.predict import overhead_path

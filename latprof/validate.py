@@ -421,9 +421,28 @@ def _table_id(table) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
+def interleaved(own: list, other: list) -> list:
+    """`own` and `other` in one order, the shorter spread evenly through the longer."""
+    if len(own) < len(other):
+        own, other = other, own
+    if not other:
+        return list(own)
+    at = {int((i + 0.5) * len(own) / len(other)): x for i, x in enumerate(other)}  # distinct, < len(own)
+    out = []
+    for i, x in enumerate(own):
+        if i in at:
+            out.append(at[i])
+        out.append(x)
+    return out
+
+
 def validate(device, model: str, lut, configs: int = 20, seed: int = 0, workdir=None, calibrate: bool = False,
              plot: str | Path | None = None, progress: bool = True, echo=print, use_overhead: bool = True,
-             stat: str = "median", on_grid: bool = False) -> ValidationResult:
+             stat: str = "median", on_grid: bool = False, alongside: int = 0, alongside_seed: int = 0) -> ValidationResult:
+    """`alongside`: also measure, interleaved with this call's own schedules in the same pass, the ones
+    `validate(configs=alongside, seed=alongside_seed)` draws (recorded, not reported; that call then
+    resumes them). With `calibrate`, the calibration then sees the machine in the same state as the
+    schedules it will be judged on, instead of minutes before them."""
     from latprof.devices import load_config, open_session
     from latprof.devices.config import DeviceConfig
     from latprof.lut.table import read_lut
@@ -466,6 +485,11 @@ def validate(device, model: str, lut, configs: int = 20, seed: int = 0, workdir=
     todo = [s for s in schedules if tuple(s.kept) not in done]
     if len(todo) < len(schedules):
         echo(f"resuming: {len(schedules) - len(todo)} of {len(schedules)} schedules already measured in {rpath}")
+    if alongside:
+        own = {tuple(s.kept) for s in schedules}
+        also = [s for s in random_schedules(table, spec, alongside, alongside_seed, on_grid)
+                if tuple(s.kept) not in done and tuple(s.kept) not in own]
+        todo = interleaved(todo, also)
 
     per_call = None
     graph_dir = workdir / "graphs"
@@ -490,7 +514,7 @@ def validate(device, model: str, lut, configs: int = 20, seed: int = 0, workdir=
             # after of one model is the before of the next)
             before = measure_references(eng, session, refs, artifacts) if todo else {}
             for i, s in enumerate(todo):
-                if probe is not None:  # interleaved, so the per-call cost sees the same machine state
+                if probe is not None:  # before every model, so the per-call cost sees the same machine state
                     probe_medians.append(statistics.median(eng.measure(session, probe, artifacts[probe.digest])[0]))
                 g = graphs[tuple(s.kept)]
                 samples, _ = eng.measure(session, g, artifacts[g.digest])

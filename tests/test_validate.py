@@ -84,9 +84,18 @@ def test_end_to_end_validation_onnxruntime(workdir, tmp_path):
     assert [c.measured_ms for c in again.configs] == [c.measured_ms for c in v.configs]
     assert again.retest == []  # a resumed record is not a second measurement of itself
 
-    # calibration writes the sidecar that predictions then use
+    # calibration writes the sidecar that predictions then use; with `alongside`, two more schedules
+    # (seed 2) are measured in the same pass, interleaved with its own, and a validation of them resumes
     cal = validate(str(cfg), "deit_t", lut, configs=2, seed=1, calibrate=True, progress=False, echo=lambda *a: None,
-                   stat="min")
+                   stat="min", alongside=2, alongside_seed=2)
+    own = [list(c.kept) for c in cal.configs]
+    others = [list(s.kept) for s in random_schedules(table, SPEC, 2, seed=2)]
+    lines = v.results_path.read_text().splitlines()
+    assert len(lines) == 3 + 4 and len(cal.configs) == 2
+    assert [json.loads(l)["kept"] for l in lines[3:]] == [others[0], own[0], others[1], own[1]]
+    later = validate(str(cfg), "deit_t", lut, configs=2, seed=2, progress=False, echo=lambda *a: None, stat="min")
+    assert len(v.results_path.read_text().splitlines()) == 7 and [c.kept for c in later.configs] == others
+    assert [c.measured_ms for c in later.configs] == [min(json.loads(l)["samples_ms"]) for l in (lines[3], lines[5])]
     oh = read_overhead(lut, "deit_t", table)
     assert oh is not None and oh.n_configs == 2 and 0 < oh.per_call_ms < 1.0 and oh.statistic == "min"
     assert 0.5 < oh.scale < 3.0
@@ -113,6 +122,8 @@ def _write_synthetic(tmp_path):
     (["--model", "deit_s"], "no rows for model 'deit_s'"),
     (["--model", "deit_t", "--configs", "0"], "--configs 0"),
     (["--model", "deit_t", "--stat", "mean"], "unknown statistic 'mean'"),
+    (["--model", "deit_t", "--alongside", "3"], "--alongside 3 without --calibrate"),
+    (["--model", "deit_t", "--calibrate", "--alongside", "3"], "--alongside with --seed 0"),
 ])
 def test_validate_errors_are_one_line(workdir, tmp_path, extra, msg):
     from click.testing import CliRunner
@@ -125,6 +136,18 @@ def test_validate_errors_are_one_line(workdir, tmp_path, extra, msg):
     assert out.exit_code == 2, out.output
     assert msg in out.output and "Traceback" not in out.output
     assert len([l for l in out.output.strip().splitlines() if l.startswith("error")]) == 1
+
+
+def test_interleaved_spreads_the_shorter_evenly():
+    from latprof.validate import interleaved
+
+    assert interleaved([], [1, 2]) == [1, 2] and interleaved(["a"], []) == ["a"]
+    assert interleaved(["a", "b", "c"], [1, 2, 3]) == [1, "a", 2, "b", 3, "c"]
+    out = interleaved(list("abcdef"), list(range(20)))
+    assert sorted(map(str, out)) == sorted(map(str, [*"abcdef", *range(20)]))
+    assert [x for x in out if isinstance(x, int)] == list(range(20))  # each list keeps its order
+    gaps = [i for i, x in enumerate(out) if isinstance(x, str)]
+    assert gaps[0] <= 2 and gaps[-1] >= 22 and max(b - a for a, b in zip(gaps, gaps[1:])) <= 5
 
 
 def test_retest_pairs_each_model_with_its_latest_earlier_measurement():
