@@ -32,8 +32,12 @@ def test_check_against_fresh_baseline_and_slowed_candidate(workdir, tmp_path):
     # a deliberately slowed candidate: the same block while busy loops take every core (measured here:
     # +109%, ratio CI 1.59..2.76, so a 25% tolerance catches it with room)
     slow_store = tmp_path / "slow.jsonl"
-    hogs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(2 * (os.cpu_count() or 2))]
+    # each hog says when it is spinning and the measurement waits for all of them: it is short, and in CI
+    # it once read a median only 2% over the baseline, most likely done before the hogs had started
+    hogs = [subprocess.Popen([sys.executable, "-c", "print('spinning', flush=True)\nwhile True: pass"],
+                             stdout=subprocess.PIPE, text=True) for _ in range(2 * (os.cpu_count() or 2))]
     try:
+        assert all(h.stdout.readline().strip() == "spinning" for h in hogs)
         measure(str(base_cfg), "deit_s", [197], units=["blocks.0"], progress=False, store=slow_store)
     finally:
         for hog in hogs:
