@@ -421,15 +421,14 @@ def _table_id(table) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def interleaved(own: list, other: list) -> list:
-    """`own` and `other` in one order, the shorter spread evenly through the longer."""
-    if len(own) < len(other):
-        own, other = other, own
-    if not other:
-        return list(own)
-    at = {int((i + 0.5) * len(own) / len(other)): x for i, x in enumerate(other)}  # distinct, < len(own)
+def interleaved(a: list, b: list) -> list:
+    """`a` and `b` in one order, the shorter spread evenly through the longer (`a` on a tie)."""
+    longer, shorter = (a, b) if len(a) >= len(b) else (b, a)
+    if not shorter:
+        return list(longer)
+    at = {int((i + 0.5) * len(longer) / len(shorter)): x for i, x in enumerate(shorter)}  # distinct, < len(longer)
     out = []
-    for i, x in enumerate(own):
+    for i, x in enumerate(longer):
         if i in at:
             out.append(at[i])
         out.append(x)
