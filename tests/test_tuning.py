@@ -222,6 +222,43 @@ def test_a_transfer_stopped_midway_keeps_what_it_timed(tuned, tmp_path, monkeypa
     assert len([k for k in budget() if k not in before]) == 4  # the 4 heavy tasks at N=10, all settled
 
 
+@pytest.mark.slow
+def test_a_retune_stopped_before_its_search_ends_is_done_by_the_next_run(tuned, tmp_path, monkeypatch):
+    """A transferred task found to need a retune (here: every task without a matmul block, by decree)
+    owes it in budget.json until the retune's search ends. A run stopped inside that search leaves the
+    task settled but owed; the next run retunes it, and the one after has nothing left to do."""
+    eng, _, _, _ = tuned
+    graphs = _tiny_graphs(tmp_path, [16, 11])
+    monkeypatch.setattr(tuning, "needs_retune", lambda task, *a: tuning.PADDED_BLOCK not in tuning.signature(task)[0])
+    real = eng._search
+
+    def stopped(tasks, trials, what, *a, **kw):
+        if what == "retune":
+            raise KeyboardInterrupt
+        return real(tasks, trials, what, *a, **kw)
+
+    def budget():
+        return json.loads((eng.tuning_dir / "budget.json").read_text())
+
+    with monkeypatch.context() as m:
+        m.setattr(eng, "_search", stopped)
+        with pytest.raises(KeyboardInterrupt):
+            eng.prepare([graphs[11]], _Bars(), anchors=[graphs[16]])
+    owed = {k for k, v in budget().items() if v.get("transferred_from") == 16 and v.get("retune_due")}
+    assert owed and all("retuned" not in budget()[k] for k in owed)  # settled, the retune still owed
+
+    again = _Bars()
+    eng.prepare([graphs[11]], again, anchors=[graphs[16]])
+    assert not again.by_prefix("transfer")  # the transfer was kept ...
+    (bar,) = again.by_prefix("retune")  # ... and the retune done
+    assert bar.desc.startswith(f"retune {len(owed)} tasks") and bar.n == bar.total > 0 and bar.closed
+    assert all(budget()[k]["retuned"] == tuning.RETUNE_TRIALS and not budget()[k]["retune_due"] for k in owed)
+
+    third = _Bars()
+    eng.prepare([graphs[11]], third, anchors=[graphs[16]])
+    assert not third.by_prefix("retune") and not third.by_prefix("transfer")
+
+
 def _matmul_mod(off_by_one: bool = False):
     import tvm
     from tvm import te

@@ -70,6 +70,10 @@ class TuningDB:
         return self.trials(key) >= trials and (
             "transferred_from" not in info or info.get("transfer", 1) >= TRANSFER_VERSION)
 
+    def retune_due(self, key: str) -> bool:
+        """Whether a transferred task was found to need a retune that has not ended yet."""
+        return bool(self.budget.get(key, {}).get("retune_due"))
+
     def record(self, key: str, **info) -> None:
         self.budget[key] = {**self.budget.get(key, {}), **info}
 

@@ -229,6 +229,7 @@ class TVMEngine:
         # every other graph replays the nearest anchor's schedule of the same task, re-fitted to its N
         # in every way that applies (compile/tuning.py); the fastest candidate is kept
         pending: dict[str, tuple] = {}
+        retune: dict[str, object] = {}  # tasks due a short search of their own (see settle)
         for g in graphs:
             if g.shared not in anchored:
                 continue
@@ -242,6 +243,8 @@ class TVMEngine:
                     sources.setdefault(tuning.signature(t), {})[t.task_name] = rec
             for t in tasks[g.digest]:
                 key = tuning.task_key(t)
+                if db.retune_due(key):  # settled by a run that was stopped before its retune ended
+                    retune[key] = t
                 recs = sources.get(tuning.signature(t))
                 if key in pending or db.transferred(key, self.trials) or not recs:
                     continue
@@ -258,7 +261,6 @@ class TVMEngine:
         timed: dict[str, dict] = {}
         failed: dict[str, dict] = {}  # candidates with no time, and why (kept in budget.json)
         cache: dict = {}
-        retune = []
 
         def settle(key) -> None:
             task, src_tokens, cands, anchor_secs, tokens, anchor_mean = pending[key]
@@ -281,11 +283,15 @@ class TVMEngine:
             extra = {} if lone else {"candidates_ms": {k: round(v[0] * 1e3, 4) for k, v in found.items()}}
             if failed.get(key):
                 extra["failed"] = failed[key]
+            # the retune is owed in the budget until its search ends, so a run stopped before then owes it still
+            due = not lone and tuning.needs_retune(task, found[chosen][0] if chosen else None, anchor_mean,
+                                                   src_tokens, tokens)
             db.record(key, trials=self.trials, name=task.task_name, transferred_from=src_tokens, refit=chosen,
-                      transfer=tuning.TRANSFER_VERSION,
-                      rejected=rejected, **extra)
-            if not lone and tuning.needs_retune(task, found[chosen][0] if chosen else None, anchor_mean, src_tokens, tokens):
-                retune.append((key, task))
+                      transfer=tuning.TRANSFER_VERSION, rejected=rejected, retune_due=due, **extra)
+            if due:
+                retune[key] = task
+            else:
+                retune.pop(key, None)
 
         for key, (_, _, cands, *_) in pending.items():
             if len(cands) == 1:
@@ -310,9 +316,9 @@ class TVMEngine:
                 bar.update(len(times))
             bar.close()
         if retune:  # re-fits that stay far from the anchor's speed (the softmax): a short search of their own
-            self._search([t for _, t in retune], tuning.RETUNE_TRIALS, "retune", db, progress, runner, bonus=False)
-            for key, _ in retune:  # the best record of each task now serves it
-                db.record(key, retuned=tuning.RETUNE_TRIALS)
+            self._search(list(retune.values()), tuning.RETUNE_TRIALS, "retune", db, progress, runner, bonus=False)
+            for key in retune:  # the best record of each task now serves it
+                db.record(key, retuned=tuning.RETUNE_TRIALS, retune_due=False)
             db.save()
 
     def _search(self, tasks, trials: int, what: str, db, progress, runner, counts=None, bonus=True) -> None:
