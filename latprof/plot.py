@@ -6,6 +6,7 @@ display needed).
 
 from __future__ import annotations
 
+import textwrap
 from pathlib import Path
 
 from latprof.errors import DependencyError, UsageError
@@ -98,7 +99,10 @@ def plot_validation(result, out: str | Path) -> Path:
     stat = getattr(result, "statistic", "median")
     a.set_xlabel(f"measured end to end (ms, {stat}; bars: IQR)")
     a.set_ylabel("predicted (ms, 95% CI)")
-    a.set_title(f"{result.model} on {result.device}, {result.engine} ({result.tuning}), {stat}")
+    # the long description spans the figure: over one panel it ran off the canvas's left edge
+    fig.suptitle(textwrap.fill(f"{result.model} on {result.device}, {result.engine} ({result.tuning}), "
+                               f"statistic {stat}", 130), fontsize=10)
+    a.set_title("predicted vs measured end to end", fontsize=10)
     a.legend(fontsize=8)
     a.grid(alpha=0.3)
     b.axhline(0, color="k", lw=1)
@@ -108,7 +112,7 @@ def plot_validation(result, out: str | Path) -> Path:
         b.plot(meas, [(r / m - 1) * 100 for r, m in zip(raw, meas)], "x", color="grey", label="plain sum")
     b.set_xlabel("measured (ms)")
     b.set_ylabel("predicted / measured - 1 (%)")
-    b.set_title(f"{result.within(0.05):.0%} within ±5%, {result.within(0.10):.0%} within ±10%")
+    b.set_title(f"{result.within(0.05):.0%} within ±5%, {result.within(0.10):.0%} within ±10%", fontsize=10)
     b.legend(fontsize=8)
     b.grid(alpha=0.3)
     fig.tight_layout()

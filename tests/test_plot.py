@@ -44,6 +44,31 @@ def test_plot_validation_png(tmp_path):
     assert path.read_bytes().startswith(PNG)
 
 
+def test_validation_plot_keeps_its_titles_on_the_canvas(tmp_path, monkeypatch):
+    """A long tuning label (a cold run's) once pushed the left panel's title off the figure's edge."""
+    import latprof.plot as plot
+    from latprof.validate import ConfigResult, ValidationResult
+
+    cfgs = [ConfigResult(i, [595, 159, 2], [], 60.0 + i, 61.0 + i, 59.0 + i, 58.0, 62.0, 59.5 + i, 61.5 + i)
+            for i in range(3)]
+    v = ValidationResult("fidelity-tvm-cold", "pit_s", "tvm", "metaschedule:16@32+192+704/transfer4/cold", cfgs,
+                         None, tmp_path / "r.jsonl")
+    titles = []  # (text, its box, the canvas), taken as the figure is saved
+    real = plot._save
+
+    def save(fig, plt, out):
+        renderer = fig.canvas.get_renderer()
+        for t in [t for t in [fig._suptitle, *(ax.title for ax in fig.axes)] if t is not None]:
+            titles.append((t.get_text(), t.get_window_extent(renderer), fig.bbox))
+        return real(fig, plt, out)
+
+    monkeypatch.setattr(plot, "_save", save)
+    plot.plot_validation(v, tmp_path / "v.png")
+    assert any("metaschedule:16@32+192+704/transfer4/cold" in text for text, _, _ in titles)
+    for text, box, canvas in titles:
+        assert canvas.x0 <= box.x0 and box.x1 <= canvas.x1 and box.y1 <= canvas.y1, text
+
+
 def test_missing_matplotlib_names_the_extra(tmp_path, monkeypatch):
     from latprof.cli import main
 
