@@ -3,8 +3,8 @@ predicts within ±5% and ±10%, without and with the overhead model.
 
 The whole pipeline, as a user runs it, in one workdir:
   1. `latprof measure` every unit of the model on a token grid -> table (shuffled order, drift reference);
-  2. `latprof validate --calibrate` on K_cal schedules (seed 1): per-call cost probe + residual -> sidecar;
-  3. `latprof validate` on K fresh schedules (seed 0): out-of-sample shares, plain sum vs corrected.
+  2. `latprof validate --calibrate` on K_cal schedules (seed S+1): per-call cost probe + residual -> sidecar;
+  3. `latprof validate` on K fresh schedules (seed S, 0 unless --seed): out-of-sample shares, plain sum vs corrected.
 With --interleave, steps 2 and 3 measure in one pass (`validate --calibrate --alongside K`), the K
 validation schedules spread evenly among the calibration's, and step 3 only reads the results: the
 fit is still out of sample, but no longer fitted on models measured minutes before the ones it is judged on.
@@ -62,16 +62,16 @@ def evaluate(args, device, lut, res, table, threads, loads, tag: str = "") -> li
         if overhead_path(lut, args.model).exists():
             overhead_path(lut, args.model).unlink()
         t1 = time.time()
-        cal = validate(device, args.model, lut, configs=args.cal_configs, seed=1, workdir=wd, calibrate=True, stat=stat,
+        cal = validate(device, args.model, lut, configs=args.cal_configs, seed=args.seed + 1, workdir=wd, calibrate=True, stat=stat,
                        plot=wd / f"calibration{tag}-{stat}.png", progress=False, echo=lambda *a: None,
-                       on_grid=args.on_grid, alongside=args.configs if args.interleave else 0)
+                       on_grid=args.on_grid, alongside=args.configs if args.interleave else 0, alongside_seed=args.seed)
         loads.append(os.getloadavg()[0])
-        val = validate(device, args.model, lut, configs=args.configs, seed=0, workdir=wd, stat=stat,
+        val = validate(device, args.model, lut, configs=args.configs, seed=args.seed, workdir=wd, stat=stat,
                        plot=wd / f"validation{tag}-{stat}.png", progress=False, echo=lambda *a: None,
                        on_grid=args.on_grid)
         loads.append(os.getloadavg()[0])
         oh = cal.overhead
-        print(f"\n== statistic {stat}: calibration ({args.cal_configs} schedules, seed 1): {oh.describe()}; "
+        print(f"\n== statistic {stat}: calibration ({args.cal_configs} schedules, seed {args.seed + 1}): {oh.describe()}; "
               f"{time.time() - t1:.0f} s")
         print(format_validation(val))
         errs_raw = [c.sum_ms / c.measured_ms - 1 for c in val.configs]
@@ -145,8 +145,10 @@ def main(argv=None) -> int:
     ap.add_argument("--model", default="deit_t")
     ap.add_argument("--grid", default=None, help=f"token counts (default {DEFAULT_GRID} for DeiT; for "
                     "hierarchical models every unit's own default grid)")
-    ap.add_argument("--configs", type=int, default=20, help="validation schedules (seed 0)")
-    ap.add_argument("--cal-configs", type=int, default=6, help="calibration schedules (seed 1)")
+    ap.add_argument("--configs", type=int, default=20, help="validation schedules (seed S)")
+    ap.add_argument("--cal-configs", type=int, default=6, help="calibration schedules (seed S+1)")
+    ap.add_argument("--seed", type=int, default=0, help="S: the validation's schedules are drawn with seed S, the "
+                    "calibration's with S+1 (another S: other random schedules)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--repeats", type=int, default=15)
     ap.add_argument("--trials", type=int, default=None, help="TVM MetaSchedule trials per task (0 = untuned; "
