@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -204,4 +205,6 @@ def _line(label: str, row: dict, cols: list) -> str:
 
 
 if __name__ == "__main__":
-    main()
+    from latprof.errors import run_script
+
+    sys.exit(run_script(main))

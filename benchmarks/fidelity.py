@@ -225,4 +225,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from latprof.errors import run_script
+
+    sys.exit(run_script(main))

@@ -32,6 +32,7 @@ import itertools
 import os
 import random
 import statistics
+import sys
 from pathlib import Path
 
 from additivity import callables, llc_bytes, llc_sweep, per_call
@@ -163,4 +164,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from latprof.errors import run_script
+
+    sys.exit(run_script(main))

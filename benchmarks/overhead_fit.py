@@ -23,8 +23,10 @@ import glob
 import json
 import random
 import statistics
+import sys
 from pathlib import Path
 
+from latprof.errors import run_script
 from latprof.lut.table import read_lut
 from latprof.models import get_model
 from latprof.predict import fit_overhead, predict, schedule_of, table_statistic
@@ -132,4 +134,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_script(main))

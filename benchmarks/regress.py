@@ -52,6 +52,7 @@ import numpy as np  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from latprof.check import stats  # noqa: E402
+from latprof.errors import run_script
 
 DIM, HEADS, MLP = 192, 3, 768  # DeiT-T
 
@@ -252,4 +253,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_script(main))

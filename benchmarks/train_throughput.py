@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
 
 
@@ -135,4 +136,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from latprof.errors import run_script
+
+    sys.exit(run_script(main))

@@ -67,3 +67,15 @@ def require(module: str, extra: str):
         raise DependencyError(
             f"missing dependency '{module}' ({exc})", f"pip install 'latprof[{extra}]'"
         ) from None
+
+
+def run_script(main) -> int:
+    """A benchmark script's `main()` with the CLI's contract: a LatprofError is one line on stderr and
+    its exit code, never a traceback (the script's own runs measured so far stay in its workdir)."""
+    import sys
+
+    try:
+        return main() or 0
+    except LatprofError as exc:
+        print(exc.one_line(), file=sys.stderr)
+        return exc.exit_code

@@ -47,3 +47,18 @@ def test_measure_and_build_lut_commands(workdir, tmp_path):
     out = run("build-lut", "--device", "clidev")
     assert out.exit_code == 0, out.output
     assert (tmp_path / "luts" / "clidev.csv").exists()
+
+
+def test_benchmark_scripts_keep_the_one_line_contract(tmp_path):
+    """A benchmark given an unknown model says so in one line, exit 2, no traceback (fidelity.py once
+    printed a traceback for a CompileError)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    bench = Path(__file__).resolve().parents[1] / "benchmarks" / "fidelity.py"
+    out = subprocess.run([sys.executable, str(bench), "--model", "resnet50", "--workdir", str(tmp_path)],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2, out.stderr
+    (line,) = out.stderr.strip().splitlines()
+    assert line.startswith("error: unknown model 'resnet50'") and "fix:" in line

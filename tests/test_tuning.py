@@ -149,8 +149,9 @@ def test_tune_transfer_and_build(tuned):
 @pytest.mark.slow
 def test_transfer_candidates_are_correct(tuned):
     """Re-fit candidates (predicated tails included) are checked against the untuned task: `verify`
-    keeps exactly those that compute the same thing (a predicated softmax tail can be wrong: it depends on
-    the tuned schedule), and every task keeps at least one."""
+    keeps only those that compute the same thing (a predicated softmax tail can be wrong: it depends on
+    the tuned schedule; it may also refuse a right-looking one, which reads past a buffer), and every
+    task keeps at least one."""
     import tvm
     from tvm.s_tir import meta_schedule as ms
 
@@ -171,16 +172,17 @@ def test_transfer_candidates_are_correct(tuned):
         args = [rng.standard_normal([int(s) for s in a.shape]).astype(str(a.dtype)) for a in infos]
         want = [tvm.runtime.tensor(a) for a in args]
         tvm.compile(task.dispatched[0], target=eng.target)["main"](*want)
-        right = set()
+        right, kept = set(), set()
         for label, sch in cands.items():
             got = [tvm.runtime.tensor(a) for a in args]
             tvm.compile(sch.mod, target=eng.target)["main"](*got)
             w = want[-1].numpy()  # verify's tolerance: absolute error relative to the output's magnitude
             if np.allclose(got[-1].numpy(), w, rtol=1e-3, atol=1e-3 * max(1.0, float(np.abs(w).max()))):
                 right.add(label)
-            assert tuning.verify(task.dispatched[0], sch) == (label in right), (name, label)
+            if tuning.verify(task.dispatched[0], sch):
+                kept.add(label)
             labels.add(label.split(":")[-1])
-        assert right, name
+        assert kept and kept <= right, (name, kept - right)
     assert {"predicated", "divisors"} <= labels
 
 
@@ -224,12 +226,13 @@ def test_a_transfer_stopped_midway_keeps_what_it_timed(tuned, tmp_path, monkeypa
 
 @pytest.mark.slow
 def test_a_retune_stopped_before_its_search_ends_is_done_by_the_next_run(tuned, tmp_path, monkeypatch):
-    """A transferred task found to need a retune (here: every task without a matmul block, by decree)
-    owes it in budget.json until the retune's search ends. A run stopped inside that search leaves the
-    task settled but owed; the next run retunes it, and the one after has nothing left to do."""
+    """A transferred task found to need a retune (here: the plain attention-times-V matmul, by decree;
+    the softmax once had a lone candidate at 11, which is never timed and so never retuned) owes it in
+    budget.json until the retune's search ends. A run stopped inside that search leaves the task settled
+    but owed; the next run retunes it, and the one after has nothing left to do."""
     eng, _, _, _ = tuned
     graphs = _tiny_graphs(tmp_path, [16, 11])
-    monkeypatch.setattr(tuning, "needs_retune", lambda task, *a: tuning.PADDED_BLOCK not in tuning.signature(task)[0])
+    monkeypatch.setattr(tuning, "needs_retune", lambda task, *a: task.task_name == "matmul2")
     real = eng._search
 
     def stopped(tasks, trials, what, *a, **kw):
@@ -442,6 +445,62 @@ def test_verify_rejects_a_schedule_that_leaves_outputs_unwritten():
     cache = {}
     assert tuning.verify(task, doubling(64), cache)
     assert not tuning.verify(task, doubling(63), cache)
+
+
+
+
+def test_verify_rejects_a_schedule_that_reads_past_a_buffer():
+    """A row-max that is exact on rows 0-2 and runs one element too far on the last row reads a[3, 10],
+    just past the end of the input: what lies in memory there decides the result, so without guards it
+    passes whenever that happens to be small. With guarded buffers it fails every time; the exact
+    schedule still passes (its reads stay inside, and it writes nothing outside b)."""
+    from types import SimpleNamespace
+
+    import tvm
+    from tvm import te
+    from tvm.script import tirx as T
+
+    a = te.placeholder((4, 10), name="a")
+    k = te.reduce_axis((0, 10), name="k")
+    task = tvm.IRModule({"main": te.create_prim_func([a, te.compute((4,), lambda i: te.max(a[i, k], axis=k))])})
+
+    def row_max(last_row: int):
+        @T.prim_func
+        def main(a: T.Buffer((4, 10), "float32"), b: T.Buffer((4,), "float32")):
+            for i in range(4):
+                b[i] = T.float32(-3.4e38)
+                for j in range(T.if_then_else(i == 3, last_row, 10)):
+                    b[i] = T.max(b[i], a[i, j])
+
+        return SimpleNamespace(mod=tvm.IRModule({"main": main}))
+
+    cache = {}
+    assert tuning.verify(task, row_max(10), cache)
+    assert not tuning.verify(task, row_max(11), cache)
+
+
+def test_verify_rejects_a_schedule_that_writes_past_a_buffer():
+    """Doubling into b[0..64] of a 64-element b writes one element past it: every value inside is right,
+    only the guard shows it."""
+    from types import SimpleNamespace
+
+    import tvm
+    from tvm import te
+    from tvm.script import tirx as T
+
+    a = te.placeholder((64,), name="a")
+    task = tvm.IRModule({"main": te.create_prim_func([a, te.compute((64,), lambda i: a[i] * 2.0, name="b")])})
+
+    def doubling(n: int):
+        @T.prim_func
+        def main(a: T.Buffer((64,), "float32"), b: T.Buffer((64,), "float32")):
+            for i in range(n):
+                b[i] = a[T.min(i, 63)] * T.float32(2)
+
+        return SimpleNamespace(mod=tvm.IRModule({"main": main}))
+
+    assert tuning.verify(task, doubling(64))
+    assert not tuning.verify(task, doubling(65))
 
 
 def _token_matmul(n: int, name: str = "matmul"):

@@ -135,7 +135,8 @@ REFITS = {
 # against 0.53 ms tuned at 192. Padded to 208 first, the anchor's tiles fit and it runs in 0.50 ms.
 # Zeros leave a sum of products exact, so only matmul blocks are padded (zeros would change a max).
 PADS = (8, 16)
-TRANSFER_VERSION = 4  # 2: padded; 3: unwritten outputs caught; 4: anchor-tile padding. Older ones are redone
+TRANSFER_VERSION = 5  # 2: padded; 3: unwritten outputs caught; 4: anchor-tile padding;
+# 5: over-reads caught (guarded buffers). Older ones are redone
 PADDED_BLOCK = "matmul"
 # A task with no matmul block (the softmax) cannot be padded, and its tuned reduction is split for a
 # parallel reduction (rfactor), which only perfect tiles allow: at N=197 its best re-fit ran 0.40-0.41 ms
@@ -325,13 +326,35 @@ def candidates(sources: dict, dst_mod, target=None) -> dict:
     return out
 
 
+GUARDS = (float("nan"), float("inf"), float("-inf"))  # what lies around a buffer in verify's runs
+_ALIGN = 64  # bytes; TVM's default buffer alignment, which compiled kernels may assume
+
+
+def _guarded(arr, fill):
+    """`arr` copied into the middle of a larger aligned array filled with `fill`: returns (the whole
+    array, the guard length in elements, a zero-copy TVM tensor of the middle with `arr`'s shape)."""
+    import numpy as np
+    import tvm
+
+    pad = -(-max(arr.size, 64) * arr.itemsize // _ALIGN) * _ALIGN // arr.itemsize
+    raw = np.full(arr.size + 2 * pad + _ALIGN, fill, arr.dtype)
+    start = (-raw.ctypes.data % _ALIGN) // arr.itemsize
+    whole = raw[start:start + arr.size + 2 * pad]
+    whole[pad:pad + arr.size] = arr.ravel()
+    return whole, pad, tvm.runtime.from_dlpack(whole[pad:pad + arr.size].reshape(arr.shape))
+
+
 def verify(task_mod, sch, cache: dict | None = None) -> bool:
     """Whether a replayed schedule computes what the unscheduled task computes, run on this machine's CPU
-    with random inputs (a schedule's loop structure and bounds are target-independent; a re-fit that
-    reads past a buffer gives wrong values or NaN: seen once, a predicated tail in a softmax reduction).
-    The candidate's outputs start as NaN, so one that leaves elements unwritten fails: a predicated
-    softmax re-fitted from 192 to 129 tokens skipped its last row, passed while both runs started from
-    the same random output buffer, and gave NaN in the deployed block."""
+    with random inputs (a schedule's loop structure and bounds are target-independent).
+
+    Two ways a re-fitted schedule has gone wrong, both seen in DeiT-T softmaxes with predicated tails:
+    it leaves output elements unwritten (the candidate's outputs start as NaN, so that fails), or it
+    reads past the end of a buffer. An over-read gives whatever lies in memory there: finite and harmless
+    in one process, NaN in the next (a transferred block passed the end-to-end output check and failed
+    it in a later compile). So each buffer sits inside a guard, one run each with NaN, +inf and -inf
+    (NaN may be dropped by a max, an infinity by the opposite extremum): an over-read shows as a
+    non-finite or wrong output, and a write past the end as a changed guard."""
     import numpy as np
     import tvm
 
@@ -351,17 +374,26 @@ def verify(task_mod, sch, cache: dict | None = None) -> bool:
             cache[key] = want, outputs
     else:
         want, outputs = cache[key]
-    got = [tvm.runtime.tensor(np.full_like(a, np.nan) if i in outputs and a.dtype.kind == "f" else a)
-           for i, a in enumerate(args)]
     try:
-        tvm.compile(sch.mod, target=host)["main"](*got)
+        run = tvm.compile(sch.mod, target=host)["main"]
     except Exception:
         return False
-    for g, w in zip(got, want):
-        g = g.numpy()
-        scale = max(1.0, float(np.abs(w).max()) if w.size else 1.0)
-        if not np.all(np.isfinite(g)) or not np.allclose(g, w, rtol=1e-3, atol=1e-3 * scale):
+    for fill in GUARDS:
+        given = [np.full_like(a, np.nan) if i in outputs and a.dtype.kind == "f" else a for i, a in enumerate(args)]
+        fills = [fill if a.dtype.kind == "f" else 0 for a in given]
+        bufs = [_guarded(a, f) for a, f in zip(given, fills)]
+        try:
+            run(*(t for _, _, t in bufs))
+        except Exception:
             return False
+        for (whole, pad, _), f, w in zip(bufs, fills, want):
+            g = whole[pad:pad + w.size].reshape(w.shape)
+            scale = max(1.0, float(np.abs(w).max()) if w.size else 1.0)
+            if not np.all(np.isfinite(g)) or not np.allclose(g, w, rtol=1e-3, atol=1e-3 * scale):
+                return False
+            guard = np.concatenate([whole[:pad], whole[pad + w.size:]])
+            if not np.array_equal(guard, np.full_like(guard, f), equal_nan=True):
+                return False  # wrote past the buffer
     return True
 
 
