@@ -422,31 +422,41 @@ def test_verify_rejects_a_schedule_that_computes_something_else():
     assert not tuning.verify(task, Schedule(_matmul_mod(off_by_one=True)), cache)
 
 
-def test_verify_rejects_a_schedule_that_leaves_outputs_unwritten():
-    """A candidate that skips the last element (as a re-fitted predicated softmax once skipped a row)
-    is refused, even though both runs are handed the same buffers; the whole loop passes."""
+def _doubling(n: int | None = None):
+    """The task b = 2a over 64 elements (n None), or a schedule of it whose loop runs n times: 63 leaves
+    b's last element unwritten, 65 writes one past b (reading a's last element again)."""
     from types import SimpleNamespace
 
     import tvm
     from tvm import te
     from tvm.script import tirx as T
 
-    a = te.placeholder((64,), name="a")
-    task = tvm.IRModule({"main": te.create_prim_func([a, te.compute((64,), lambda i: a[i] * 2.0, name="b")])})
+    if n is None:
+        a = te.placeholder((64,), name="a")
+        return tvm.IRModule({"main": te.create_prim_func([a, te.compute((64,), lambda i: a[i] * 2.0, name="b")])})
 
-    def doubling(n: int):
-        @T.prim_func
-        def main(a: T.Buffer((64,), "float32"), b: T.Buffer((64,), "float32")):
-            for i in range(n):
-                b[i] = a[i] * T.float32(2)
+    @T.prim_func
+    def main(a: T.Buffer((64,), "float32"), b: T.Buffer((64,), "float32")):
+        for i in range(n):
+            b[i] = a[T.min(i, 63)] * T.float32(2)
 
-        return SimpleNamespace(mod=tvm.IRModule({"main": main}))
-
-    cache = {}
-    assert tuning.verify(task, doubling(64), cache)
-    assert not tuning.verify(task, doubling(63), cache)
+    return SimpleNamespace(mod=tvm.IRModule({"main": main}))
 
 
+def test_verify_rejects_a_schedule_that_leaves_outputs_unwritten():
+    """A candidate that skips the last element (as a re-fitted predicated softmax once skipped a row)
+    is refused, even though both runs are handed the same buffers; the whole loop passes."""
+    task, cache = _doubling(), {}
+    assert tuning.verify(task, _doubling(64), cache)
+    assert not tuning.verify(task, _doubling(63), cache)
+
+
+def test_verify_rejects_a_schedule_that_writes_past_a_buffer():
+    """A loop one step too long writes one element past b: every value inside is right, only the guard
+    shows it."""
+    task = _doubling()
+    assert tuning.verify(task, _doubling(64))
+    assert not tuning.verify(task, _doubling(65))
 
 
 def test_verify_rejects_a_schedule_that_reads_past_a_buffer():
@@ -477,31 +487,6 @@ def test_verify_rejects_a_schedule_that_reads_past_a_buffer():
     cache = {}
     assert tuning.verify(task, row_max(10), cache)
     assert not tuning.verify(task, row_max(11), cache)
-
-
-def test_verify_rejects_a_schedule_that_writes_past_a_buffer():
-    """Doubling into b[0..64] of a 64-element b writes one element past it: every value inside is right,
-    only the guard shows it."""
-    from types import SimpleNamespace
-
-    import tvm
-    from tvm import te
-    from tvm.script import tirx as T
-
-    a = te.placeholder((64,), name="a")
-    task = tvm.IRModule({"main": te.create_prim_func([a, te.compute((64,), lambda i: a[i] * 2.0, name="b")])})
-
-    def doubling(n: int):
-        @T.prim_func
-        def main(a: T.Buffer((64,), "float32"), b: T.Buffer((64,), "float32")):
-            for i in range(n):
-                b[i] = a[T.min(i, 63)] * T.float32(2)
-
-        return SimpleNamespace(mod=tvm.IRModule({"main": main}))
-
-    assert tuning.verify(task, doubling(64))
-    assert not tuning.verify(task, doubling(65))
-
 
 def _token_matmul(n: int, name: str = "matmul"):
     """An attention-times-V-like task: the token count is a spatial axis and the reduction axis."""
