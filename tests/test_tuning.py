@@ -488,6 +488,7 @@ def test_verify_rejects_a_schedule_that_reads_past_a_buffer():
     assert tuning.verify(task, row_max(10), cache)
     assert not tuning.verify(task, row_max(11), cache)
 
+
 def _token_matmul(n: int, name: str = "matmul"):
     """An attention-times-V-like task: the token count is a spatial axis and the reduction axis."""
     import tvm
