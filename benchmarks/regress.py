@@ -52,7 +52,7 @@ import numpy as np  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from latprof.check import stats  # noqa: E402
-from latprof.errors import run_script
+from latprof.errors import run_script  # noqa: E402
 
 DIM, HEADS, MLP = 192, 3, 768  # DeiT-T
 

@@ -353,8 +353,8 @@ def verify(task_mod, sch, cache: dict | None = None) -> bool:
     reads past the end of a buffer. An over-read gives whatever lies in memory there: finite and harmless
     in one process, NaN in the next (a transferred block passed the end-to-end output check and failed
     it in a later compile). So each buffer sits inside a guard, one run each with NaN, +inf and -inf
-    (NaN may be dropped by a max, an infinity by the opposite extremum): an over-read shows as a
-    non-finite or wrong output, and a write past the end as a changed guard."""
+    (whether a max passes NaN on depends on its lowering; a max drops -inf, a min +inf): an over-read
+    shows as a non-finite or wrong output, and a write past the end as a changed guard."""
     import numpy as np
     import tvm
 
@@ -378,8 +378,8 @@ def verify(task_mod, sch, cache: dict | None = None) -> bool:
         run = tvm.compile(sch.mod, target=host)["main"]
     except Exception:
         return False
+    given = [np.full_like(a, np.nan) if i in outputs and a.dtype.kind == "f" else a for i, a in enumerate(args)]
     for fill in GUARDS:
-        given = [np.full_like(a, np.nan) if i in outputs and a.dtype.kind == "f" else a for i, a in enumerate(args)]
         fills = [fill if a.dtype.kind == "f" else 0 for a in given]
         bufs = [_guarded(a, f) for a, f in zip(given, fills)]
         try:
