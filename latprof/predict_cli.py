@@ -64,13 +64,17 @@ def predict(lut, model, keep, tokens, engine, no_overhead, brief, stat):
 @click.option("--stat", default=None, help="Sample statistic for table and end to end: median (default), min, q10, q25; "
                                           "with --onnx, default: the table's calibration's.")
 @click.option("--no-overhead", is_flag=True, help="Compare with the plain sum of units.")
+@click.option("--rounds", type=click.IntRange(min=1), default=None, help="Visits per whole model, its samples "
+              "spread through the pass (default: the device config's measure.rounds, 3).")
+@click.option("--again", is_flag=True, help="Measure every schedule anew, in a new pass, even where the results file "
+              "has it (the earlier figures stay, and how well the models repeat them is printed).")
 @click.option("--plot", "plot_out", type=click.Path(path_type=Path), default=None,
               help="PNG of predicted vs measured (default <workdir>/validate/<device>-<model>.png).")
 @click.option("--workdir", type=click.Path(path_type=Path), default=None,
               help="The workdir the table was measured with (shares the tuning database).")
 @click.option("--quiet", "-q", is_flag=True)
 def validate(device, model, lut, onnx_path, budget, configs, seed, on_grid, calibrate, alongside, stat, no_overhead,
-             plot_out, workdir, quiet):
+             rounds, again, plot_out, workdir, quiet):
     """Build, compile and measure the whole pruned MODEL for random schedules; compare with the table.
     With --onnx, time one trained, exported model against its budget instead."""
     from latprof.measure.runner import default_workdir
@@ -97,7 +101,7 @@ def validate(device, model, lut, onnx_path, budget, configs, seed, on_grid, cali
         click.echo("matplotlib missing: no plot (pip install 'latprof[plot]')", err=True)
     result = run(device, model, lut, configs=configs, seed=seed, workdir=wd, calibrate=calibrate, plot=out,
                  progress=not quiet, echo=click.echo, use_overhead=not no_overhead, stat=stat or "median",
-                 on_grid=on_grid, alongside=alongside)
+                 on_grid=on_grid, alongside=alongside, rounds=rounds, again=again)
     click.echo(format_validation(result))
     if calibrate and result.overhead is not None:
         from latprof.predict import overhead_path

@@ -14,8 +14,13 @@ stage's share of the schedule's predicted time, are the machine's drift since th
 (other jobs, frequency, heat), reported next to each result and used to give a drift-corrected
 comparison as well (and to fit the calibration, which should describe the model, not the moment).
 
-Per-config results are appended to `<workdir>/validate/<device>-<model>-<engine>.jsonl` as they come,
-keyed by (table, engine, tuning, kept): a rerun skips what is there (resumable).
+Each whole model's samples are taken in `measure.rounds` visits (3) spread through the pass, every
+round starting a rounds-th further into the list, so a slow stretch of a shared host (seconds to a
+minute here) lands on a share of every model's samples instead of all of one model's.
+
+Per-visit results are appended to `<workdir>/validate/<device>-<model>-<engine>.jsonl` as they come,
+keyed by (table, engine, tuning, kept) and the pass (`run`): a rerun skips what is there and finishes
+a pass that was cut off (resumable).
 
 Non-additivity (see `latprof.predict.Overhead`): `calibrate=True` measures the engine's per-call cost
 with a trivial graph on the device (one [1, 17, D] tensor plus a constant: nothing to compute),
@@ -391,8 +396,55 @@ def reference_drift(refs: dict[str, list[float]], figures: dict[str, tuple[int, 
     return weighted_drift({u: sample_stat(xs, stat) / figures[u][1] for u, xs in refs.items() if u in figures}, weights)
 
 
-def measure_references(eng, session, graphs: dict, artifacts: dict) -> dict[str, list[float]]:
-    return {name: eng.measure(session, g, artifacts[g.digest])[0] for name, g in graphs.items()}
+def measure_references(eng, session, graphs: dict, artifacts: dict, repeats: int | None = None) -> dict[str, list[float]]:
+    return {name: eng.measure(session, g, artifacts[g.digest], repeats=repeats)[0] for name, g in graphs.items()}
+
+
+# -- visits ---------------------------------------------------------------------------------------------
+def _run_id() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%S%f")
+
+
+def plan_visits(todo: list, cut: dict, rounds: int, run: str) -> dict[tuple, tuple[str, int]]:
+    """kept -> (pass id, rounds) for each schedule to measure: a pass cut off is finished under its own id
+    and round count, the rest start this pass."""
+    return {tuple(s.kept): (cut[tuple(s.kept)]["run"], cut[tuple(s.kept)]["rounds"]) if tuple(s.kept) in cut
+            else (run, rounds) for s in todo}
+
+
+def _visit_due(partial: dict | None, r: int, rounds: int) -> bool:
+    """Whether round `r` of a schedule's `rounds` is still to be taken (`partial`: its visits so far)."""
+    return (partial["visits"] if partial else 0) <= r < rounds
+
+
+def _rotated(items: list, r: int, rounds: int) -> list:
+    """Round r's order: the list started r/rounds of the way in, so each item's visits are about a pass apart."""
+    k = (r * len(items)) // max(rounds, 1) % max(len(items), 1)
+    return items[k:] + items[:k]
+
+
+def measurements(lines: list[dict]) -> list[dict]:
+    """Results lines merged into one record per measurement: the visits of one schedule in one pass
+    (samples and references in visit order; `visits`, and `complete` once all its rounds are there).
+    A line written before rounds is a whole measurement of its own."""
+    groups: dict[tuple, list[dict]] = {}
+    for i, line in enumerate(lines):
+        key = (line["run"], tuple(line["kept"]), line.get("table"), line.get("tuning")) if "run" in line else (i,)
+        groups.setdefault(key, []).append(line)
+    out = []
+    for visits in groups.values():
+        refs: dict[str, dict] = {}
+        for line in visits:
+            for r in line.get("refs", []):
+                acc = refs.setdefault(r["unit"], {"unit": r["unit"], "tokens": r["tokens"], "samples_ms": [], "after_ms": []})
+                acc["samples_ms"] += r["samples_ms"]
+                acc["after_ms"] += r.get("after_ms", [])
+        rec = {**visits[-1], "samples_ms": [x for line in visits for x in line["samples_ms"]], "visits": len(visits),
+               "complete": len(visits) >= visits[0].get("rounds", 1)}
+        if refs:
+            rec["refs"] = list(refs.values())
+        out.append(rec)
+    return out
 
 
 def append_record(path: Path, before: dict[str, list[float]], after: dict[str, list[float]], ref_tokens: dict[str, int],
@@ -404,9 +456,24 @@ def append_record(path: Path, before: dict[str, list[float]], after: dict[str, l
            "samples_ms": [round(x, 6) for x in samples],
            "time": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a", encoding="utf-8") as fh:
-        fh.write(json.dumps(rec) + "\n")
+    with open(path, "a+b") as fh:
+        cut = False
+        if fh.seek(0, 2) > 0:
+            fh.seek(-1, 2)
+            cut = fh.read(1) != b"\n"  # a line a crash left unfinished: this record starts a line of its own
+        fh.write((("\n" if cut else "") + json.dumps(rec) + "\n").encode())
     return rec
+
+
+def read_results(path: Path) -> list[dict]:
+    """A results file's lines (a line cut by a crash left out)."""
+    out = []
+    for line in (path.read_text().splitlines() if path.exists() else []):
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return out
 
 
 # -- validate ------------------------------------------------------------------------------------------
@@ -437,11 +504,15 @@ def interleaved(a: list, b: list) -> list:
 
 def validate(device, model: str, lut, configs: int = 20, seed: int = 0, workdir=None, calibrate: bool = False,
              plot: str | Path | None = None, progress: bool = True, echo=print, use_overhead: bool = True,
-             stat: str = "median", on_grid: bool = False, alongside: int = 0, alongside_seed: int = 0) -> ValidationResult:
+             stat: str = "median", on_grid: bool = False, alongside: int = 0, alongside_seed: int = 0,
+             rounds: int | None = None, again: bool = False) -> ValidationResult:
     """`alongside`: also measure, interleaved with this call's own schedules in the same pass, the ones
     `validate(configs=alongside, seed=alongside_seed)` draws (recorded, not reported; that call then
     resumes them). With `calibrate`, the calibration then sees the machine in the same state as the
-    schedules it will be judged on, instead of minutes before them."""
+    schedules it will be judged on, instead of minutes before them. `rounds`: visits per whole model
+    (default the device config's `measure.rounds`). `again`: measure every schedule in a new pass even
+    where the results file has it (the earlier measurements stay, and the repeatability against them is
+    reported)."""
     from latprof.devices import load_config, open_session
     from latprof.devices.config import DeviceConfig
     from latprof.lut.table import read_lut
@@ -471,19 +542,19 @@ def validate(device, model: str, lut, configs: int = 20, seed: int = 0, workdir=
     schedules = random_schedules(table, spec, configs, seed, on_grid)
     rpath = results_path(workdir, cfg.name, model, eng.name)
     tid = _table_id(measured_table)
-    done, history = {}, []
-    if rpath.exists():
-        for line in rpath.read_text().splitlines():
-            try:
-                r = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # a line cut by a crash
-            history.append(r)
-            if r.get("table") == tid and r.get("tuning") == tuning:
-                done[tuple(r["kept"])] = r
+    rounds = cfg.measure.get("rounds", 3) if rounds is None else rounds
+    if rounds < 1:
+        raise UsageError(f"rounds {rounds}", "measure each model in at least one visit")
+    lines = read_results(rpath)
+    history = [r for r in measurements(lines) if r["complete"]]
+    done, cut = {}, {}  # kept -> its latest complete measurement / a pass cut off before its last visit
+    for r in ([] if again else measurements(lines)):
+        if r.get("table") == tid and r.get("tuning") == tuning:
+            (done if r["complete"] else cut)[tuple(r["kept"])] = r
     todo = [s for s in schedules if tuple(s.kept) not in done]
-    if len(todo) < len(schedules):
-        echo(f"resuming: {len(schedules) - len(todo)} of {len(schedules)} schedules already measured in {rpath}")
+    if len(todo) < len(schedules) or any(tuple(s.kept) in cut for s in todo):
+        echo(f"resuming: {len(schedules) - len(todo)} of {len(schedules)} schedules already measured in {rpath}"
+             + (f", {sum(tuple(s.kept) in cut for s in todo)} part-way" if cut else ""))
     if alongside:
         own = {tuple(s.kept) for s in schedules}
         also = [s for s in random_schedules(table, spec, alongside, alongside_seed, on_grid)
@@ -507,26 +578,37 @@ def validate(device, model: str, lut, configs: int = 20, seed: int = 0, workdir=
         try:
             artifacts = _prepare(eng, spec, [*graphs.values(), *refs.values()] + ([probe] if probe else []), workdir, bars,
                                  todo, session)
-            bar = bars(total=len(todo), desc=f"measure end to end on {cfg.name}", unit="model")
+            visits = plan_visits(todo, cut, rounds, _run_id())
+            per_visit = {k: -(-cfg.measure["repeats"] // n) for k, (_, n) in visits.items()}  # ceil: no fewer samples in all
+            order = [s for r in range(max((n for _, n in visits.values()), default=0))
+                     for s in _rotated(todo, r, rounds) if _visit_due(cut.get(tuple(s.kept)), r, visits[tuple(s.kept)][1])]
+            bar = bars(total=len(order), desc=f"measure end to end on {cfg.name}", unit="visit")
             probe_medians = []
-            # the machine's state around each model: the references right before and right after it (the
-            # after of one model is the before of the next)
-            before = measure_references(eng, session, refs, artifacts) if todo else {}
-            for i, s in enumerate(todo):
-                if probe is not None:  # before every model, so the per-call cost sees the same machine state
-                    probe_medians.append(statistics.median(eng.measure(session, probe, artifacts[probe.digest])[0]))
-                g = graphs[tuple(s.kept)]
-                samples, _ = eng.measure(session, g, artifacts[g.digest])
-                after = measure_references(eng, session, refs, artifacts)
-                rec = append_record(rpath, before, after, {u: n for u, (n, _) in ref_figures.items()}, samples,
-                                    table=tid, tuning=tuning,
-                                    engine=eng.name, device=cfg.name, model=model, kept=list(s.kept),
-                                    block_tokens=s.block_tokens(), graph=g.digest)
-                done[tuple(s.kept)] = rec
+            # the machine's state around each visit: the references right before and right after it (the
+            # after of one visit is the before of the next)
+            before = measure_references(eng, session, refs, artifacts, per_visit[tuple(order[0].kept)]) if order else {}
+            for s in order:
+                key = tuple(s.kept)
+                if probe is not None:  # before every visit, so the per-call cost sees the same machine state
+                    probe_medians.append(statistics.median(
+                        eng.measure(session, probe, artifacts[probe.digest], repeats=per_visit[key])[0]))
+                g = graphs[key]
+                samples, _ = eng.measure(session, g, artifacts[g.digest], repeats=per_visit[key])
+                after = measure_references(eng, session, refs, artifacts, per_visit[key])
+                run, n = visits[key]
+                append_record(rpath, before, after, {u: n for u, (n, _) in ref_figures.items()}, samples,
+                              table=tid, tuning=tuning, engine=eng.name, device=cfg.name, model=model, kept=list(s.kept),
+                              block_tokens=s.block_tokens(), graph=g.digest, run=run, rounds=n)
                 before = after
                 bar.update(1)
+            if order:  # the merged records of this pass (and of the passes it finished)
+                ours = {run for run, _ in visits.values()}
+                for r in measurements(read_results(rpath)):
+                    if r["complete"] and r.get("run") in ours and r.get("table") == tid and r.get("tuning") == tuning:
+                        done[tuple(r["kept"])] = r
             if probe is not None:
-                probe_medians.append(statistics.median(eng.measure(session, probe, artifacts[probe.digest])[0]))
+                probe_medians.append(statistics.median(
+                    eng.measure(session, probe, artifacts[probe.digest], repeats=per_visit[tuple(order[-1].kept)] if order else None)[0]))
                 per_call = statistics.median(probe_medians)
             bar.close()
         finally:

@@ -29,9 +29,12 @@ _MEASURE = {
     # points taken between two references that disagree by more than drift_tolerance are measured
     # again, up to this many times each: a table taken while the host changed speed is not trusted
     "drift_retries": (int, 1),
+    # `validate` takes each whole model's samples in this many visits spread through its pass, so a
+    # slow stretch of a shared host lands on a share of every model's samples, not on all of one's
+    "rounds": (int, 3),
 }
 # policy, not a condition of the samples: left out of the settings recorded with them (and their keys)
-_POLICY = ("drift_retries",)
+_POLICY = ("drift_retries", "rounds")
 _TUNING = {
     "trials_per_task": (int, 32),
     "anchors": (list, None),       # token counts tuned for real; default: see compile/tuning.py
@@ -119,6 +122,8 @@ def parse_config(data: Any, source: str) -> DeviceConfig:
         raise ConfigError(f"{source}: field 'threads' must be at least 1", "set threads: 1 or more")
     if top["measure"]["repeats"] < 1:
         raise ConfigError(f"{source}: field 'measure.repeats' must be at least 1", "set measure.repeats: 10 or more")
+    if top["measure"]["rounds"] < 1:
+        raise ConfigError(f"{source}: field 'measure.rounds' must be at least 1", "set measure.rounds: 1 (one visit) or more")
     if "kind" not in top["target"]:
         raise ConfigError(f"{source}: field 'target.kind' is missing", "e.g. target: {kind: llvm, mcpu: native}")
     from latprof.devices import transports
