@@ -44,6 +44,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from latprof.errors import LutError, UsageError
+from latprof.measure.samples import append_line
 from latprof.predict import (Overhead, fit_overhead, parse_stat, predict, read_overhead, sample_stat, schedule_of,
                              table_statistic, unit_tokens, write_overhead)
 from latprof.schedule import TokenSchedule
@@ -417,12 +418,6 @@ def _visit_due(partial: dict | None, r: int, rounds: int) -> bool:
     return (partial["visits"] if partial else 0) <= r < rounds
 
 
-def _rotated(items: list, r: int, rounds: int) -> list:
-    """Round r's order: the list started r/rounds of the way in, so each item's visits are about a pass apart."""
-    k = (r * len(items)) // max(rounds, 1) % max(len(items), 1)
-    return items[k:] + items[:k]
-
-
 def measurements(lines: list[dict]) -> list[dict]:
     """Results lines merged into one record per measurement: the visits of one schedule in one pass
     (samples and references in visit order; `visits`, and `complete` once all its rounds are there).
@@ -455,13 +450,7 @@ def append_record(path: Path, before: dict[str, list[float]], after: dict[str, l
                      "after_ms": [round(x, 6) for x in after[u]]} for u, xs in before.items()], **fields,
            "samples_ms": [round(x, 6) for x in samples],
            "time": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a+b") as fh:
-        cut = False
-        if fh.seek(0, 2) > 0:
-            fh.seek(-1, 2)
-            cut = fh.read(1) != b"\n"  # a line a crash left unfinished: this record starts a line of its own
-        fh.write((("\n" if cut else "") + json.dumps(rec) + "\n").encode())
+    append_line(path, json.dumps(rec))
     return rec
 
 
@@ -516,7 +505,7 @@ def validate(device, model: str, lut, configs: int = 20, seed: int = 0, workdir=
     from latprof.devices import load_config, open_session
     from latprof.devices.config import DeviceConfig
     from latprof.lut.table import read_lut
-    from latprof.measure.runner import default_workdir
+    from latprof.measure.runner import default_workdir, rotated
     from latprof.models import get_model
     from latprof.progress import bar_factory
 
@@ -581,7 +570,7 @@ def validate(device, model: str, lut, configs: int = 20, seed: int = 0, workdir=
             visits = plan_visits(todo, cut, rounds, _run_id())
             per_visit = {k: -(-cfg.measure["repeats"] // n) for k, (_, n) in visits.items()}  # ceil: no fewer samples in all
             order = [s for r in range(max((n for _, n in visits.values()), default=0))
-                     for s in _rotated(todo, r, rounds) if _visit_due(cut.get(tuple(s.kept)), r, visits[tuple(s.kept)][1])]
+                     for s in rotated(todo, r, rounds) if _visit_due(cut.get(tuple(s.kept)), r, visits[tuple(s.kept)][1])]
             bar = bars(total=len(order), desc=f"measure end to end on {cfg.name}", unit="visit")
             probe_medians = []
             # the machine's state around each visit: the references right before and right after it (the

@@ -22,7 +22,7 @@ def write_config(path: Path, **overrides) -> Path:
     cfg = {
         "name": "testdev", "transport": "local", "engine": "tvm",
         "target": {"kind": "llvm", "mcpu": "native"}, "threads": 1,
-        "measure": {"warmup": 1, "repeats": 5, "number": 2, "min_repeat_ms": 0, "reference_every": 3},
+        "measure": {"warmup": 1, "repeats": 5, "number": 2, "min_repeat_ms": 0, "reference_every": 3, "rounds": 1},
         "tuning": {"trials_per_task": 0},
     }
     for key, value in overrides.items():

@@ -88,6 +88,42 @@ def test_onnxruntime_engine(workdir, tmp_path):
     assert 0 < n17 < n33 * 1.5
 
 
+def test_points_are_measured_in_visits_spread_through_the_run(workdir, tmp_path):
+    """measure.rounds 3: every point in 3 visits of ceil(5/3) samples, each walk of the shuffled list
+    started a third further in; the table pools the visits; a run cut mid-visit finishes the missing ones."""
+    cfg = write_config(tmp_path / "ort.yaml", name="ortdev", engine="onnxruntime",
+                       measure={"rounds": 3, "reference_every": 0})
+    n_points = expected_points([9, 17])[0]
+    result = measure(str(cfg), "deit_t", [9, 17], progress=False)
+    path = store_path(workdir, "ortdev")
+    lines = [json.loads(line) for line in path.read_text().splitlines()]
+    assert result.measured == n_points and len(lines) == 3 * n_points
+    assert [r["visit"] for r in lines] == [v for v in range(3) for _ in range(n_points)]
+    assert all(r["rounds"] == 3 and len(r["samples_ms"]) == 2 for r in lines)
+    walks = [[r["key"] for r in lines[v * n_points:(v + 1) * n_points]] for v in range(3)]
+    for v in (1, 2):
+        k = v * n_points // 3
+        assert walks[v] == walks[0][k:] + walks[0][:k]
+    table = build_and_write(path, tmp_path / "t.csv", drift_correction=False)
+    assert (table.frame["n_samples"] == 6).all() and table.provenance["visits_per_point"] == 3
+    row = table.frame[(table.frame["unit"] == "blocks.0") & (table.frame["tokens"] == 9)].iloc[0]
+    mine = [x for r in lines if r["unit"] == "block" and r["tokens"] == 9 for x in r["samples_ms"]]
+    assert row["median_ms"] == pytest.approx(float(np.median(mine)))
+
+    # killed during the last visits: two lines lost, the one before them torn mid-write
+    text = path.read_text().splitlines(keepends=True)
+    path.write_text("".join(text[:-3]) + text[-3][:40])
+    said = []
+    again = measure(str(cfg), "deit_t", [9, 17], progress=False, echo=said.append)
+    assert (again.measured, again.skipped) == (3, n_points - 3)
+    assert any(f"{n_points - 3} of {n_points} points already measured" in s and "3 part-way" in s for s in said)
+    redone = [json.loads(line) for line in path.read_text().splitlines()[-3:]]  # after the torn line
+    assert [r["visit"] for r in redone] == [2, 2, 2]
+    assert sorted(r["key"] for r in redone) == sorted(walks[2][-3:])
+    table = build_and_write(path, tmp_path / "t.csv", drift_correction=False)
+    assert (table.frame["n_samples"] == 6).all()
+
+
 def test_device_dropping_mid_run_keeps_samples_and_resumes(workdir, tmp_path, monkeypatch):
     """Kill the RPC server after the second point: a one-line DeviceError, nothing lost, resume."""
     from latprof.measure import engines
@@ -96,13 +132,13 @@ def test_device_dropping_mid_run_keeps_samples_and_resumes(workdir, tmp_path, mo
     original = engines.TVMEngine.measure
     calls = {"n": 0}
 
-    def flaky(self, session, graph, artifact):
+    def flaky(self, session, graph, artifact, *rest):
         calls["n"] += 1
         if calls["n"] == 3:
             # the whole server process group: TVM serves each session from a forked worker
             os.killpg(session.server.proc.pid, signal.SIGKILL)
             session.server.proc.wait()
-        return original(self, session, graph, artifact)
+        return original(self, session, graph, artifact, *rest)
 
     monkeypatch.setattr(engines.TVMEngine, "measure", flaky)
     with pytest.raises(DeviceError, match="2 points measured in this run are kept"):
@@ -122,8 +158,8 @@ def test_torn_last_line_is_ignored(workdir, tmp_path):
     with open(store.path, "a") as fh:
         fh.write('{"schema": 1, "key": "b", "samples_')  # killed mid-write
     assert [r["key"] for r in store.records()] == ["a"]
-    store.append({"key": "c", "samples_ms": [2.0]})
-    assert store.done_keys() >= {"a"}
+    store.append({"key": "c", "samples_ms": [2.0]})  # on a line of its own, not glued to the torn one
+    assert [r["key"] for r in store.records()] == ["a", "c"]
 
 
 def test_local_server_is_pinned_to_configured_cores(workdir, tmp_path):

@@ -51,7 +51,7 @@ def test_end_to_end_validation_onnxruntime(workdir, tmp_path):
     from latprof.validate import validate
 
     cfg = write_config(tmp_path / "ort.yaml", name="ortval", engine="onnxruntime", threads=1,
-                       measure={"repeats": 7, "number": 0, "min_repeat_ms": 5})
+                       measure={"repeats": 7, "number": 0, "min_repeat_ms": 5, "rounds": 3})
     measure(str(cfg), "deit_t", [17, 50, 99, 197], progress=False)
     lut = tmp_path / "luts" / "ortval.csv"
     table = build_and_write(store_path(workdir, "ortval"), lut)

@@ -29,8 +29,8 @@ _MEASURE = {
     # points taken between two references that disagree by more than drift_tolerance are measured
     # again, up to this many times each: a table taken while the host changed speed is not trusted
     "drift_retries": (int, 1),
-    # `validate` takes each whole model's samples in this many visits spread through its pass, so a
-    # slow stretch of a shared host lands on a share of every model's samples, not on all of one's
+    # `measure` takes each point's samples, and `validate` each whole model's, in this many visits spread
+    # through the run, so a slow stretch of a shared host lands on a share of every point's samples
     "rounds": (int, 3),
 }
 # policy, not a condition of the samples: left out of the settings recorded with them (and their keys)

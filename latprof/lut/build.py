@@ -2,8 +2,10 @@
 
 Statistics are over the raw samples (median, quartiles, a distribution-free 95% CI of the median from
 order statistics), never a bare mean. A shared graph's samples give a row to every unit that uses it
-(DeiT's twelve blocks: one graph per N, twelve rows). When a point was measured in several runs, the
-newest run's samples are used and the older ones stay in the store.
+(DeiT's twelve blocks: one graph per N, twelve rows). A point's samples are those of all its visits
+(`measure.rounds`), each visit's newest record (a visit measured again after drift replaces the older
+one); when a point was measured under another key (another graph or engine), the newest key's samples
+are used and the older ones stay in the store.
 
 Drift correction (default): the reference unit re-measured through a run (`reference_every`) says how
 fast the machine was around each point. Every point's samples are scaled by (the median of all
@@ -87,11 +89,17 @@ def build_lut(store_path: Path, device: str | None = None, engine: str | None = 
     points = [r for r in records if r["engine"] == engine and not r.get("reference")]
     if not points:
         raise UsageError(f"no samples for engine '{engine}' in {store_path}", f"use one of {engines}")
-    # newest record per (model, unit, tokens) wins; settings must agree across the table
+    # per (model, unit, tokens): the newest key's records, the newest per visit; settings must agree
     latest: dict = {}
     for r in points:
-        latest[(r["model"], r["unit"], r["tokens"])] = r
-    chosen = list(latest.values())
+        visits = latest.setdefault((r["model"], r["unit"], r["tokens"]), {})
+        if visits and next(iter(visits.values()))["key"] != r["key"]:
+            visits.clear()
+        if r.get("visit") is None or None in visits:  # a whole measurement replaces visits, and is replaced
+            visits.clear()
+        visits[r.get("visit")] = r
+    groups = [[v[k] for k in sorted(v, key=lambda k: -1 if k is None else k)] for v in latest.values()]
+    chosen = [r for g in groups for r in g]
     first = chosen[0]
     for field in SAME_ACROSS_TABLE:
         values = {repr(r[field]) for r in chosen}
@@ -102,9 +110,10 @@ def build_lut(store_path: Path, device: str | None = None, engine: str | None = 
                                and all(repr(r[f]) == repr(first[f]) for f in SAME_ACROSS_TABLE)])
     factors = drift_factors(chosen, series) if drift_correction else {}
     rows = []
-    for r in chosen:
+    for g in groups:  # each visit corrected by the references around it, then the visits pooled
+        r = g[-1]
         spec = get_model(r["model"])
-        samples = np.asarray(r["samples_ms"], dtype=float) * factors.get(id(r), 1.0)
+        samples = np.concatenate([np.asarray(v["samples_ms"], dtype=float) * factors.get(id(v), 1.0) for v in g])
         q1, med, q3 = np.percentile(samples, [25, 50, 75])
         lo, hi = median_ci(samples)
         for unit in spec.units:
@@ -126,6 +135,7 @@ def build_lut(store_path: Path, device: str | None = None, engine: str | None = 
         "transport": first.get("transport"), "tvm_version": first.get("tvm"), "latprof_version": latprof.__version__,
         "measured_with": first.get("packages"), "device_info": first.get("info", {}),
         "reference_drift": drift, "reference_samples": sum(map(len, series.values())),
+        "visits_per_point": max(len(g) for g in groups),
         "drift_correction": ({"factor_min": round(min(factors.values()), 4), "factor_max": round(max(factors.values()), 4)}
                              if factors else None),
         "measured_from": min(r["time"] for r in chosen), "measured_to": max(r["time"] for r in chosen),

@@ -2,7 +2,10 @@
 
 Points are measured in a seeded shuffled order (so drift cannot look like a trend over N), a reference
 point is re-measured every few points to detect thermal or frequency drift, and every point is appended
-to the sample store as soon as it is measured. The same command resumes where a run stopped.
+to the sample store as soon as it is measured. Each point's samples are taken in `measure.rounds` visits
+spread through the run (the shuffled list walked `rounds` times, each walk started a further share of the
+way in), so a slow stretch of a shared host lands on a share of every point's samples rather than on all
+of a few points'. The same command resumes where a run stopped, visit by visit.
 """
 
 from __future__ import annotations
@@ -184,11 +187,15 @@ def measure(device: str | DeviceConfig, model: str, tokens: str | list[int] | Ca
         "settings": cfg.settings(), "emulated": cfg.emulated, "transport": cfg.transport,
     }
     keys = {g.digest: point_key(graph=g.digest, **provenance) for g in graphs}
-    done = store.done_keys()
-    todo = [g for g in graphs if keys[g.digest] not in done]
+    rounds = cfg.measure["rounds"]
+    per_visit = -(-cfg.measure["repeats"] // rounds)  # ceil: no fewer samples in all
+    done = visits_done(store.records(), rounds)
+    todo = [g for g in graphs if any((keys[g.digest], v) not in done for v in range(rounds))]
     skipped = len(graphs) - len(todo)
-    if skipped:
-        echo(f"resuming: {skipped} of {len(graphs)} points already measured in {store.path}")
+    part_way = sum(any((keys[g.digest], v) in done for v in range(rounds)) for g in todo)
+    if skipped or part_way:
+        echo(f"resuming: {skipped} of {len(graphs)} points already measured in {store.path}"
+             + (f", {part_way} part-way" if part_way else ""))
     if not todo:
         return MeasureResult(cfg.name, spec.name, eng.name, 0, skipped, store.path, None)
     reference = max(graphs, key=lambda g: (g.shared != "patch_embed", g.tokens))
@@ -196,15 +203,15 @@ def measure(device: str | DeviceConfig, model: str, tokens: str | list[int] | Ca
     every = cfg.measure["reference_every"]
     ref_medians: dict[int, list[float]] = collections.defaultdict(list)  # per device (farm lane)
 
-    def record(g: Graph, samples: list[float], err: float, info: dict, is_ref: bool) -> None:
+    def record(g: Graph, samples: list[float], err: float, info: dict, is_ref: bool, visit: int | None = None) -> None:
         store.append({
             "key": keys[g.digest], "reference": is_ref, "model": spec.name, "unit": g.shared, "tokens": g.tokens,
             "graph": g.digest, "samples_ms": [round(s, 6) for s in samples], "max_abs_err": err,
             "time": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), "info": info,
-            **provenance, **versions,
+            **({} if is_ref else {"visit": visit, "rounds": rounds}), **provenance, **versions,
         })
 
-    tries: collections.Counter = collections.Counter()  # times each point was measured in this run
+    tries: collections.Counter = collections.Counter()  # times each (point, visit) was measured in this run
     tolerance, retries = cfg.measure["drift_tolerance"], cfg.measure["drift_retries"]
     lock = threading.Lock()
     session_cm = open_session(cfg) if eng.needs_session else None
@@ -215,8 +222,9 @@ def measure(device: str | DeviceConfig, model: str, tokens: str | list[int] | Ca
         random.Random(seed).shuffle(todo)
         info = session.info() if session else _local_info()
         ref_artifacts = artifacts if reference.digest in artifacts else {**artifacts, **compile_graphs(eng, spec, [reference], workdir, bars, session)}
-        bar = bars(total=len(todo), desc=f"measure {spec.name} on {cfg.name} ({eng.name})", unit="point")
-        queue = list(todo)
+        queue = [(g, v) for v in range(rounds) for g in rotated(todo, v, rounds) if (keys[g.digest], v) not in done]
+        bar = bars(total=len(queue), desc=f"measure {spec.name} on {cfg.name} ({eng.name})",
+                   unit="point" if rounds == 1 else "visit")
 
         def lane(sess, lane_eng, lane_info, medians: list[float]) -> None:
             """Measure points from the shared queue on one device (each farm device is a lane). The points
@@ -230,7 +238,7 @@ def measure(device: str | DeviceConfig, model: str, tokens: str | list[int] | Ca
                 with lock:
                     record(reference, rs, rerr, lane_info, True)
                     if prev is not None and abs(medians[-1] / prev - 1) > tolerance:
-                        redo = [g for g in bracket if tries[g.digest] <= retries]
+                        redo = [(g, v) for g, v in bracket if tries[g.digest, v] <= retries]
                         queue[:0] = redo
                 bracket.clear()
 
@@ -238,21 +246,22 @@ def measure(device: str | DeviceConfig, model: str, tokens: str | list[int] | Ca
                 with lock:
                     if failed:
                         return
-                    g = queue.pop(0) if queue else None
-                if g is None:
+                    item = queue.pop(0) if queue else None
+                if item is None:
                     if not (every and bracket):
                         return
                     check_reference()  # close the last bracket (and give its points a reference after them)
                     continue
                 if every and i % every == 0:  # each device's own drift reference
                     check_reference()
-                samples, err = lane_eng.measure(sess, g, artifacts[g.digest])
+                g, visit = item
+                samples, err = lane_eng.measure(sess, g, artifacts[g.digest], per_visit)
                 with lock:
-                    record(g, samples, err, lane_info, False)
-                    tries[g.digest] += 1
-                    if tries[g.digest] == 1:
+                    record(g, samples, err, lane_info, False, visit)
+                    tries[g.digest, visit] += 1
+                    if tries[g.digest, visit] == 1:
                         bar.update(1)
-                bracket.append(g)
+                bracket.append(item)
                 i += 1
                 if cfg.measure["cooldown_s"]:
                     time.sleep(cfg.measure["cooldown_s"])
@@ -265,21 +274,38 @@ def measure(device: str | DeviceConfig, model: str, tokens: str | list[int] | Ca
             run_lanes([(s, eng.fork(), inf, ref_medians[k]) for k, (s, inf) in enumerate(lanes)], lane, failed)
         bar.close()
     except DeviceError as exc:
-        raise DeviceError(f"{exc.message}; {len(tries)} points measured in this run are kept in {store.path}",
-                          exc.fix) from None
+        taken = f"{len(tries)} points" if rounds == 1 else f"{len(tries)} visits of {len({d for d, _ in tries})} points"
+        raise DeviceError(f"{exc.message}; {taken} measured in this run are kept in {store.path}", exc.fix) from None
     finally:
         if session_cm:
             session_cm.__exit__(None, None, None)
     again = sum(tries.values()) - len(tries)
     if again:
-        echo(f"measured {again} points again: the reference moved by more than "
+        echo(f"measured {again} {'points' if rounds == 1 else 'visits'} again: the reference moved by more than "
              f"{tolerance:.0%} around them (the newest samples of a point make the table)")
     drifts = [max(m) / min(m) - 1 for m in ref_medians.values() if len(m) > 1]
     drift = max(drifts) if drifts else None
     if drift is not None and drift > tolerance:
         echo(f"warning: the reference point drifted by {drift:.1%} during the run (thermal or frequency change?); "
              "it is recorded in the table's provenance")
-    return MeasureResult(cfg.name, spec.name, eng.name, len(tries), skipped, store.path, drift)
+    return MeasureResult(cfg.name, spec.name, eng.name, len({d for d, _ in tries}), skipped, store.path, drift)
+
+
+def visits_done(records: list[dict], rounds: int) -> set[tuple[str, int]]:
+    """(point key, visit) already in a store; a record without a visit (measured before visits, or by
+    an interleaved check) is a whole measurement: every visit of its point."""
+    done = set()
+    for r in records:
+        if not r.get("reference"):
+            v = r.get("visit")
+            done |= {(r["key"], k) for k in range(rounds)} if v is None else {(r["key"], v)}
+    return done
+
+
+def rotated(items: list, r: int, rounds: int) -> list:
+    """Round r's order: the list started r/rounds of the way in, so each item's visits are about a pass apart."""
+    k = (r * len(items)) // max(rounds, 1) % max(len(items), 1)
+    return items[k:] + items[:k]
 
 
 class _Lane:

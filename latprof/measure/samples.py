@@ -1,8 +1,9 @@
-"""The raw-sample store: `<workdir>/samples/<device>.jsonl`, one JSON line per measured point.
+"""The raw-sample store: `<workdir>/samples/<device>.jsonl`, one JSON line per measured visit of a point.
 
-Appended and fsynced as each point finishes, so Ctrl-C, a crash or a dropped device loses nothing; a
-torn last line (killed mid-write) is ignored on read. A point's `key` identifies what was measured
-(graph, engine, tuning, target, settings): a rerun skips keys already present, which is how runs resume.
+Appended and fsynced as each visit finishes, so Ctrl-C, a crash or a dropped device loses nothing; a
+torn last line (killed mid-write) is ignored on read, and the next append starts a line of its own. A
+point's `key` identifies what was measured (graph, engine, tuning, target, settings): a rerun skips the
+(key, visit) pairs already present, which is how runs resume.
 """
 
 from __future__ import annotations
@@ -41,16 +42,19 @@ class SampleStore:
                     out.append(rec)
         return out
 
-    def done_keys(self) -> set[str]:
-        return {r["key"] for r in self.records() if not r.get("reference")}
-
     def append(self, record: dict) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        line = json.dumps({"schema": SAMPLES_SCHEMA, **record}, sort_keys=True) + "\n"
-        # one write of one line on an O_APPEND descriptor, then fsync: never interleaved, never half-kept
-        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-        try:
-            os.write(fd, line.encode())
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        append_line(self.path, json.dumps({"schema": SAMPLES_SCHEMA, **record}, sort_keys=True))
+
+
+def append_line(path: Path, line: str) -> None:
+    """One line appended to a JSON-lines file in one write on an O_APPEND descriptor, then fsynced: never
+    interleaved, never half-kept. After a line torn by a kill, it starts a line of its own."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        end = os.lseek(fd, 0, os.SEEK_END)
+        torn = end > 0 and os.pread(fd, 1, end - 1) != b"\n"
+        os.write(fd, (("\n" if torn else "") + line + "\n").encode())
+        os.fsync(fd)
+    finally:
+        os.close(fd)

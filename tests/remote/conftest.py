@@ -17,7 +17,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
 ARM64_ROOTFS = Path(os.environ.get("LATPROF_ARM64_ROOTFS", Path.home() / ".cache/latprof/arm64-rootfs"))
-SMALL_MEASURE = {"warmup": 1, "repeats": 3, "number": 1, "min_repeat_ms": 0, "reference_every": 0}
+SMALL_MEASURE = {"warmup": 1, "repeats": 3, "number": 1, "min_repeat_ms": 0, "reference_every": 0, "rounds": 1}
 
 
 def free_port() -> int:

@@ -162,11 +162,11 @@ def test_adb_server_killed_mid_run_and_hard_killed_latprof(adb_env, workdir, tmp
     original = engines.TVMEngine.measure
     calls = {"n": 0}
 
-    def flaky(self, session, graph, artifact):
+    def flaky(self, session, graph, artifact, *rest):
         calls["n"] += 1
         if calls["n"] == 3:
             os.killpg(session.remote_pid, signal.SIGKILL)
-        return original(self, session, graph, artifact)
+        return original(self, session, graph, artifact, *rest)
 
     monkeypatch.setattr(engines.TVMEngine, "measure", flaky)
     with pytest.raises(DeviceError) as err:

@@ -24,7 +24,7 @@ def qemu_config(tmp_path, sshd, rootfs):
                              known_hosts=str(sshd.known_hosts), start_timeout=180,
                              server_command=[str(rootfs / "opt/bin/python3"), "-m", "tvm.exec.rpc_server", "--host",
                                              "127.0.0.1", "--port", str(free_port()), "--port-end", "65000"])
-    cfg["measure"].update(warmup=0, repeats=2, number=1, min_repeat_ms=0, reference_every=0)
+    cfg["measure"].update(warmup=0, repeats=2, number=1, min_repeat_ms=0, reference_every=0, rounds=1)
     return write_yaml(tmp_path / "qemu-arm64.yaml", cfg)
 
 
@@ -63,7 +63,7 @@ def test_emulated_arm64_device_behind_the_test_adbd(arm64_rootfs, fresh_workdir,
         path = write_yaml(tmp_path / "adb-arm64.yaml", {
             "name": "adb-arm64", "transport": "adb", "emulated": True, "target": shipped["target"],
             "cross_compiler": shipped["cross_compiler"], "threads": 1,
-            "measure": {"warmup": 0, "repeats": 2, "number": 1, "min_repeat_ms": 0, "reference_every": 0},
+            "measure": {"warmup": 0, "repeats": 2, "number": 1, "min_repeat_ms": 0, "reference_every": 0, "rounds": 1},
             "tuning": {"trials_per_task": 0},
             "connection": {"connect": serial, "adb_server_port": env.server_port, "runtime_dir": str(runtime),
                            "remote_dir": str(tmp_path / "phone"), "start_timeout": 180,

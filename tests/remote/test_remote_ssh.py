@@ -88,12 +88,12 @@ def test_server_killed_mid_run_keeps_samples_and_resumes(sshd, workdir, tmp_path
     original = engines.TVMEngine.measure
     calls = {"n": 0, "pid": None}
 
-    def flaky(self, session, graph, artifact):
+    def flaky(self, session, graph, artifact, *rest):
         calls["n"] += 1
         if calls["n"] == 3:  # the device's RPC server crashes (its whole process group)
             calls["pid"] = session.remote_pid
             os.killpg(session.remote_pid, signal.SIGKILL)
-        return original(self, session, graph, artifact)
+        return original(self, session, graph, artifact, *rest)
 
     monkeypatch.setattr(engines.TVMEngine, "measure", flaky)
     with pytest.raises(DeviceError) as err:
@@ -114,11 +114,11 @@ def test_sshd_gone_mid_run_is_a_device_error(sshd, workdir, tmp_path, monkeypatc
     original = engines.TVMEngine.measure
     calls = {"n": 0}
 
-    def flaky(self, session, graph, artifact):
+    def flaky(self, session, graph, artifact, *rest):
         calls["n"] += 1
         if calls["n"] == 2:
             sshd.crash()
-        return original(self, session, graph, artifact)
+        return original(self, session, graph, artifact, *rest)
 
     monkeypatch.setattr(engines.TVMEngine, "measure", flaky)
     try:
