@@ -19,7 +19,10 @@ from latprof.errors import ExportError, require
 
 OPSET = 17
 TOLERANCE = 1e-3  # max abs error ORT vs torch, fp32
-TIE_MARGIN = 1e-4  # a top-k score gap this small may be ordered differently by two runtimes' rounding
+# a top-k score gap this small may be ordered differently by two runtimes: their activations agree only
+# to about TOLERANCE (DeiT-T pruned to 165/137/71: a gap of 1.2e-4 after nine blocks, logits 7e-3 apart)
+TIE_MARGIN = 1e-3
+CHECK_INPUTS = 4  # inputs tried before a check on near-tied top-k selections is called inconclusive
 
 
 @dataclass(frozen=True)
@@ -42,7 +45,6 @@ class Graph:
 def export_unit(module, input_shape: tuple, out_dir: Path, model: str, shared: str, tokens: int) -> Graph:
     torch = require("torch", "models")
     onnx = require("onnx", "models")
-    ort = require("onnxruntime", "models")
 
     rng = np.random.default_rng(0)
     x = rng.standard_normal(input_shape).astype("float32")
@@ -64,17 +66,43 @@ def export_unit(module, input_shape: tuple, out_dir: Path, model: str, shared: s
         tmp = path.with_suffix(".tmp")
         tmp.write_bytes(data)
         os.replace(tmp, path)
+    err, margin = compare_with_torch(module, data, input_shape)
+    where = f"{model}/{shared} at N={tokens}: onnxruntime differs from torch by {err:.2e} (tolerance {TOLERANCE})"
+    if not err <= TOLERANCE and margin > TIE_MARGIN:
+        raise ExportError(where, "the exported graph is wrong; report it with the ONNX file " + str(path))
+    if not err <= TOLERANCE:
+        raise ExportError(where + f" on {CHECK_INPUTS} inputs, each with a top-k near-tie (score gap down to {margin:.1g})",
+                          "the graph could not be checked: its selector's scores tie on every input tried; "
+                          "report it with the ONNX file " + str(path))
+    return Graph(model, shared, tokens, path, digest, tuple(input_shape), err)
+
+
+def compare_with_torch(module, data: bytes, input_shape: tuple, tolerance: float = TOLERANCE) -> tuple[float, float]:
+    """(max abs difference of onnxruntime's output from torch's, smallest top-k score gap) on random
+    inputs (seeds 0, 1, ...), stopping at the first where they agree. A disagreement counts only on an
+    input whose top-k selections are decisive: where scores nearly tie at the boundary, the runtimes may
+    keep different tokens and both be right, so that input is set aside and the next one tried. The gap
+    is inf unless the runtimes disagreed (it is not computed where it does not matter); a gap at or below
+    TIE_MARGIN returned with a difference above `tolerance` means every input tried tied."""
+    torch = require("torch", "models")
+    ort = require("onnxruntime", "models")
     so = ort.SessionOptions()
     so.intra_op_num_threads = 1
     sess = ort.InferenceSession(data, so, providers=["CPUExecutionProvider"])
-    got = sess.run(None, {"x": x})[0]
-    with torch.no_grad():
-        want = module(torch.from_numpy(x)).numpy()
-    err = float(np.abs(got - want).max())
-    if not np.isfinite(err) or err > TOLERANCE:
-        raise ExportError(f"{model}/{shared} at N={tokens}: onnxruntime differs from torch by {err:.2e} (tolerance {TOLERANCE})",
-                          "the exported graph is wrong; report it with the ONNX file " + str(path))
-    return Graph(model, shared, tokens, path, digest, tuple(input_shape), err)
+    margin_of, margins = None, []
+    for seed in range(CHECK_INPUTS):
+        x = np.random.default_rng(seed).standard_normal(input_shape).astype("float32")
+        got = sess.run(None, {sess.get_inputs()[0].name: x})[0]
+        with torch.no_grad():
+            want = module(torch.from_numpy(x)).numpy()
+        err = float(np.abs(got - want).max())
+        if err <= tolerance:
+            return err, float("inf")
+        margin_of = margin_of or topk_margin(data)  # built at the first disagreement, reused
+        margins.append(margin_of(x) if np.isfinite(err) else float("inf"))  # NaN or inf: wrong, tie or not
+        if margins[-1] > TIE_MARGIN:
+            return err, margins[-1]
+    return err, min(margins)
 
 
 def topk_margin(data: bytes):

@@ -64,7 +64,6 @@ def export_onnx(checkpoint, out, kept=None, opset: int = 17, check: bool = True)
 
 
 CHECK_ATOL = 1e-3  # on logits
-CHECK_INPUTS = 4
 
 
 def check_export(static, data: bytes, size: int) -> dict:
@@ -73,34 +72,20 @@ def check_export(static, data: bytes, size: int) -> dict:
     A disagreement is an error only on an input where every top-k selection is decisive. Where selector
     scores nearly tie at the boundary (an early checkpoint's near-uniform selector), the runtimes may keep
     different tokens and both be right; such an input is set aside and another drawn."""
-    torch = require("torch", "train")
     try:
-        import onnxruntime as ort
+        import onnxruntime  # noqa: F401
     except ImportError:
         return {}
-    import numpy as np
+    from latprof.export import CHECK_INPUTS, TIE_MARGIN, compare_with_torch
 
-    from latprof.export import TIE_MARGIN, topk_margin
-
-    sess = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
-    gen = torch.Generator().manual_seed(0)
-    margins, margin_of = [], None
-    for _ in range(CHECK_INPUTS):
-        x = torch.randn(1, 3, size, size, generator=gen)
-        with torch.no_grad():
-            ref = static(x).numpy()
-        got = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
-        diff = float(np.abs(ref - got).max())
-        if diff <= CHECK_ATOL:
-            return {"max_abs_diff": diff}
-        margin_of = margin_of or topk_margin(data)  # built at the first disagreement, reused
-        margin = margin_of(x.numpy())
-        if margin > TIE_MARGIN:
-            raise ExportError(f"onnxruntime disagrees with torch by {diff:.3g} on an input whose top-k selections "
-                              f"are decisive (score margin {margin:.2g})", "report it with the checkpoint")
-        margins.append(margin)
+    diff, margin = compare_with_torch(static, data, (1, 3, size, size), CHECK_ATOL)
+    if diff <= CHECK_ATOL:
+        return {"max_abs_diff": diff}
+    if margin > TIE_MARGIN:
+        raise ExportError(f"onnxruntime disagrees with torch by {diff:.3g} on an input whose top-k selections "
+                          f"are decisive (score margin {margin:.2g})", "report it with the checkpoint")
     return {"check_inconclusive": f"on {CHECK_INPUTS} random images the selector scores nearly tie at a top-k "
-                                  f"boundary (margin down to {min(margins):.1g}), where the runtimes may keep "
+                                  f"boundary (margin down to {margin:.1g}), where the runtimes may keep "
                                   f"different tokens; logits were not compared"}
 
 
