@@ -98,7 +98,7 @@ def build_lut(store_path: Path, device: str | None = None, engine: str | None = 
         if r.get("visit") is None or None in visits:  # a whole measurement replaces visits, and is replaced
             visits.clear()
         visits[r.get("visit")] = r
-    groups = [[v[k] for k in sorted(v, key=lambda k: -1 if k is None else k)] for v in latest.values()]
+    groups = [[v[k] for k in sorted(v)] for v in latest.values()]  # visits in order ({None: r} alone)
     chosen = [r for g in groups for r in g]
     first = chosen[0]
     for field in SAME_ACROSS_TABLE:
