@@ -133,7 +133,7 @@ def reference_variants(val, model: str, lut, stat: str) -> dict[str, tuple[float
                 return out  # results written before the per-stage reference
             w = reference_weights(spec, predict(table, model, schedule_of(spec, c.kept)))
             drift = reference_drift({u: refs[u] for u in units}, figures, w, stat)
-            errs.append(c.predicted_ms / (c.measured_ms / drift) - 1)
+            errs.append(c.at_table_ms / (c.measured_ms / drift) - 1)
         out[what] = tuple(sum(abs(e) <= tol for e in errs) / len(errs) for tol in (0.05, 0.10))
     return out
 

@@ -18,9 +18,14 @@ End to end is not exactly the sum of units measured one call each: every unit me
 engine's own per-call cost (VM or session entry, argument handling), the token removal (top-k, gather,
 concat) at the pruning locations belongs to no unit, and caches/fusion differ across unit boundaries.
 An `Overhead` (a sidecar next to the table, written by `latprof validate --calibrate`) corrects the sum:
-    predicted = scale * (sum(units) - (calls - 1) * per_call_ms) + residual_ms
+    predicted = drift * (scale * (sum(units) - (calls - 1) * per_call_ms) + residual_ms)
 per_call_ms is measured on the device with a trivial graph (interleaved with the calibration runs);
-scale and residual_ms are fitted over calibration schedules (`fit_overhead`). Two costs make the gap,
+scale and residual_ms are fitted over calibration schedules (`fit_overhead`), on their end to end scaled
+back to the table's machine state by the reference units timed beside them; drift is how much slower
+the device ran during the calibration than during the table (those references' median ratio), so the
+prediction is of the device as the calibration found it, its latest end-to-end state, not as the table
+found it minutes or hours before (docs/measurements.md, "Calibrating on the table's moment or the
+device's"). `at_table` leaves the drift out. Two costs make the gap,
 and they are why there are two terms: a unit timed alone runs with its weights and activations hot in
 cache, while in the whole model every block's weights are evicted by the other blocks' (a cost per
 block that pruning tokens does not shrink: the constant), and activations and the token removal
@@ -198,10 +203,16 @@ class Overhead:
     tuning: str = ""
     table: str = ""
     created: str = ""
-    method: str = "predicted = scale * (sum(units) - (calls - 1) * per_call_ms) + residual_ms"
+    drift: float = 1.0              # reference units during the calibration / in the table (1.0: unknown or none)
+    method: str = "predicted = drift * (scale * (sum(units) - (calls - 1) * per_call_ms) + residual_ms)"
     schema: int = OVERHEAD_SCHEMA
 
     def apply(self, sum_ms: float, calls: int) -> float:
+        """The end to end predicted on the device as the calibration found it."""
+        return self.drift * self.at_table(sum_ms, calls)
+
+    def at_table(self, sum_ms: float, calls: int) -> float:
+        """The same at the table's machine state (what end to end corrected by its references is compared with)."""
         return self.scale * (sum_ms - (calls - 1) * self.per_call_ms) + self.residual_ms
 
     def correction_ms(self, sum_ms: float, calls: int) -> float:
@@ -209,7 +220,7 @@ class Overhead:
 
     def describe(self) -> str:
         return (f"scale {self.scale:.3f} {self.residual_ms:+.3f} ms (fit within ±{self.spread:.1%} in sample), "
-                f"{self.per_call_ms * 1e3:.1f} us per engine call")
+                f"{self.per_call_ms * 1e3:.1f} us per engine call, machine drift {self.drift:.3f}")
 
 
 def fit_overhead(sums_ms, measured_ms, calls: int, per_call_ms: float = 0.0, **meta) -> Overhead:
@@ -298,7 +309,7 @@ def budget_on_sum(budget_ms: float, overhead: Overhead | None, calls: int) -> fl
     inverted: the correction grows with the sum the solver adds up)."""
     if overhead is None:
         return budget_ms
-    return (budget_ms - overhead.residual_ms) / overhead.scale + (calls - 1) * overhead.per_call_ms
+    return (budget_ms / overhead.drift - overhead.residual_ms) / overhead.scale + (calls - 1) * overhead.per_call_ms
 
 
 def write_overhead(lut_path: str | Path, oh: Overhead) -> Path:
@@ -440,7 +451,7 @@ def predict(table, model: str, schedule: TokenSchedule, overhead: Overhead | Non
     calls = len(out)
     fix = overhead.apply if overhead else (lambda v, c: v)
     corr = fix(total, calls) - total
-    k = overhead.scale if overhead else 1.0
+    k = overhead.scale * overhead.drift if overhead else 1.0
     return Prediction(model, engine, tuning, tuple(schedule.kept), schedule.block_tokens(), out, total, corr,
                       fix(total, calls) - k * lo, fix(total, calls) + k * hi, fix(sum(u.q1_ms for u in out), calls),
                       fix(sum(u.q3_ms for u in out), calls), sum(u.macs for u in out), overhead)
@@ -457,7 +468,8 @@ def format_prediction(p: Prediction, breakdown: bool = True) -> str:
         oh = p.overhead
         lines.append(f"  sum of units {p.sum_ms:.3f} ms, overhead correction {p.overhead_ms:+.3f} ms "
                      f"(scale {oh.scale:.3f} x (sum - {len(p.units) - 1} x {oh.per_call_ms:.4f} ms per call) "
-                     f"{oh.residual_ms:+.4f} ms, from {oh.n_configs} calibration schedules, statistic {oh.statistic})")
+                     f"{oh.residual_ms:+.4f} ms, x {oh.drift:.3f} machine drift during the calibration; from "
+                     f"{oh.n_configs} calibration schedules, statistic {oh.statistic})")
     if breakdown:
         lines.append(f"  {'unit':12s} {'N':>4s} {'median ms':>10s} {'95% CI':>19s} {'share':>6s} {'MMACs':>9s}")
         for u in p.units:

@@ -67,7 +67,8 @@ def predict(lut, model, keep, tokens, engine, no_overhead, brief, stat):
 @click.option("--rounds", type=click.IntRange(min=1), default=None, help="Visits per whole model, its samples "
               "spread through the pass (default: the device config's measure.rounds, 3).")
 @click.option("--again", is_flag=True, help="Measure every schedule anew, in a new pass, even where the results file "
-              "has it (the earlier figures stay, and how well the models repeat them is printed).")
+              "has it (the earlier figures stay, and how well the models repeat them is printed). A pass of "
+              "these schedules cut off before its end is finished first.")
 @click.option("--plot", "plot_out", type=click.Path(path_type=Path), default=None,
               help="PNG of predicted vs measured (default <workdir>/validate/<device>-<model>.png).")
 @click.option("--workdir", type=click.Path(path_type=Path), default=None,

@@ -68,10 +68,22 @@ class ConfigResult:
     drift: float | None = None  # reference units now / in the table (1.0: the machine as when the table was made)
     recorded: dict = field(repr=False, default_factory=dict)  # its line in the results file
     ref_weights: dict = field(repr=False, default_factory=dict)  # each reference unit's weight in `drift`
+    machine: float = 1.0     # the calibration's machine drift, in predicted_ms (Overhead.drift)
 
     @property
     def error(self) -> float:
         return self.predicted_ms / self.measured_ms - 1
+
+    @property
+    def at_table_ms(self) -> float:
+        """The prediction at the table's machine state (without the calibration's drift)."""
+        return self.predicted_ms / self.machine
+
+    @property
+    def corrected_error(self) -> float:
+        """Both sides at the table's machine state: the prediction without the calibration's drift against the
+        end to end corrected by its own references."""
+        return self.at_table_ms / self.corrected_ms - 1
 
     @property
     def corrected_ms(self) -> float:
@@ -131,8 +143,9 @@ class ValidationResult:
         the end-to-end figure corrected by the interleaved reference units."""
         if not self.configs:
             return 0.0
-        return _share([(c.sum_ms if raw else c.predicted_ms) / (c.corrected_ms if drift else c.measured_ms) - 1
-                       for c in self.configs], tol)
+        if drift:
+            return _share([(c.sum_ms / c.corrected_ms - 1) if raw else c.corrected_error for c in self.configs], tol)
+        return _share([(c.sum_ms if raw else c.predicted_ms) / c.measured_ms - 1 for c in self.configs], tol)
 
     @property
     def has_drift(self) -> bool:
@@ -537,9 +550,15 @@ def validate(device, model: str, lut, configs: int = 20, seed: int = 0, workdir=
     lines = read_results(rpath)
     history = [r for r in measurements(lines) if r["complete"]]
     done, cut = {}, {}  # kept -> its latest complete measurement / a pass cut off before its last visit
-    for r in ([] if again else measurements(lines)):
-        if r.get("table") == tid and r.get("tuning") == tuning:
-            (done if r["complete"] else cut)[tuple(r["kept"])] = r
+    ours = [r for r in measurements(lines) if r.get("table") == tid and r.get("tuning") == tuning]
+    if again:  # a new pass; or, where the last one of these schedules was cut off, that one finished first
+        wanted = {tuple(s.kept) for s in schedules}
+        open_runs = sorted(r["run"] for r in ours if not r["complete"] and "run" in r and tuple(r["kept"]) in wanted)
+        ours = [r for r in ours if open_runs and r.get("run") == open_runs[-1]]
+        if ours:
+            echo(f"finishing the pass {open_runs[-1]}, cut off before its end (--again once more starts a new one)")
+    for r in ours:
+        (done if r["complete"] else cut)[tuple(r["kept"])] = r
     todo = [s for s in schedules if tuple(s.kept) not in done]
     if len(todo) < len(schedules) or any(tuple(s.kept) in cut for s in todo):
         echo(f"resuming: {len(schedules) - len(todo)} of {len(schedules)} schedules already measured in {rpath}"
@@ -613,19 +632,22 @@ def validate(device, model: str, lut, configs: int = 20, seed: int = 0, workdir=
         weights = reference_weights(spec, p)
         drift = reference_drift(record_refs(rec), ref_figures, weights, stat)
         results.append(ConfigResult(i, list(s.kept), s.block_tokens(), p.sum_ms, p.total_ms, sample_stat(xs, stat),
-                                    q[0], q[2], p.ci_low_ms, p.ci_high_ms, xs, drift, rec, weights))
+                                    q[0], q[2], p.ci_low_ms, p.ci_high_ms, xs, drift, rec, weights,
+                                    overhead.drift if overhead else 1.0))
     if calibrate:
         calls = len(unit_tokens(spec, schedules[0]))
         if per_call is None:
             per_call = 0.0
-        # fitted on drift-corrected figures: the overhead is the model's, not the machine's state of the moment
+        # fitted on drift-corrected figures, so that scale and constant are the model's, not the moment's; the
+        # moment's own drift (the device end to end now against the table) is kept beside them as one factor
         overhead = fit_overhead([c.sum_ms for c in results], [c.corrected_ms for c in results], calls, per_call,
                                 statistic=stat, model=model, device=cfg.name, engine=eng.name, tuning=tuning,
-                                table=str(lut_path or ""))
+                                table=str(lut_path or ""),
+                                drift=statistics.median(c.drift for c in results) if all(c.drift for c in results) else 1.0)
         if lut_path:
             write_overhead(lut_path, overhead)
         for c in results:  # in-sample: what the new sidecar predicts for the calibration schedules
-            c.predicted_ms = overhead.apply(c.sum_ms, calls)
+            c.predicted_ms, c.machine = overhead.apply(c.sum_ms, calls), overhead.drift
     out = ValidationResult(cfg.name, model, eng.name, tuning, results, overhead, rpath, per_call_ms=per_call,
                            statistic=stat, retest=retests(results, history, stat))
     if plot:
@@ -651,7 +673,7 @@ def format_validation(v: ValidationResult) -> str:
     lines = [f"  {'#':>3s} {kept:{w}s} {'predicted':>10s} {'measured':>10s} {'error':>7s}  {'sum of units':>12s}"
              f"  {'drift':>6s} {'error vs drift-corrected':>24s}"]
     for c in v.configs:
-        d = f"{c.drift:6.3f} {c.predicted_ms / c.corrected_ms - 1:+24.1%}" if c.drift else f"{'-':>6s} {'-':>24s}"
+        d = f"{c.drift:6.3f} {c.corrected_error:+24.1%}" if c.drift else f"{'-':>6s} {'-':>24s}"
         lines.append(f"  {c.index:3d} {str(c.kept):{w}s} {c.predicted_ms:10.3f} {c.measured_ms:10.3f} {c.error:+7.1%}  "
                      f"{c.sum_ms:12.3f}  {d}")
     lines.append(v.summary())

@@ -123,6 +123,21 @@ def test_points_are_measured_in_visits_spread_through_the_run(workdir, tmp_path)
     table = build_and_write(path, tmp_path / "t.csv", drift_correction=False)
     assert (table.frame["n_samples"] == 6).all()
 
+    # measure.rounds raised to 5 later: only visits 3 and 4 are taken (ceil(5/5) sample each), pooled with
+    # the first three; lowered to 1, nothing is measured
+    cfg = write_config(tmp_path / "ort.yaml", name="ortdev", engine="onnxruntime",
+                       measure={"rounds": 5, "reference_every": 0})
+    n_lines = len(path.read_text().splitlines())
+    more = measure(str(cfg), "deit_t", [9, 17], progress=False)
+    added = [json.loads(line) for line in path.read_text().splitlines()[n_lines:]]
+    assert more.measured == n_points and sorted(r["visit"] for r in added) == [3] * n_points + [4] * n_points
+    assert all(len(r["samples_ms"]) == 1 for r in added)
+    table = build_and_write(path, tmp_path / "t.csv", drift_correction=False)
+    assert (table.frame["n_samples"] == 8).all() and table.provenance["visits_per_point"] == 5
+    cfg = write_config(tmp_path / "ort.yaml", name="ortdev", engine="onnxruntime",
+                       measure={"rounds": 1, "reference_every": 0})
+    assert measure(str(cfg), "deit_t", [9, 17], progress=False).measured == 0
+
 
 def test_device_dropping_mid_run_keeps_samples_and_resumes(workdir, tmp_path, monkeypatch):
     """Kill the RPC server after the second point: a one-line DeviceError, nothing lost, resume."""

@@ -1,5 +1,6 @@
 """Prediction math on small synthetic tables: sum, interpolation, uncertainty, MACs, parsing, errors."""
 
+import json
 import math
 import re
 
@@ -11,7 +12,7 @@ from latprof.errors import LutError, UsageError
 from latprof.lut.table import read_lut, write_lut
 from latprof.models import get_model
 from latprof.predict import (Overhead, fit_overhead, format_prediction, model_macs, overhead_path, parse_keep, parse_tokens,
-                             predict, read_overhead, unit_macs, unit_tokens, write_overhead)
+                             budget_on_sum, predict, read_overhead, unit_macs, unit_tokens, write_overhead)
 from latprof.schedule import TokenSchedule
 from latprof.train.synthetic import synthetic_table
 
@@ -175,6 +176,20 @@ def test_overhead_sidecar_roundtrip_and_correction(tmp_path):
     assert p.ci_low_ms < p.total_ms < p.ci_high_ms and p.q1_ms < p.total_ms < p.q3_ms
     with pytest.raises(LutError, match="calibrated with --stat median, not min"):
         read_overhead(lut, "deit_t", t, "min")
+    # the device ran 4% slower during the calibration than during the table: predictions are of the device
+    # as the calibration found it, the CI scaled with them, and a budget on them inverts exactly
+    write_overhead(lut, Overhead(per_call_ms=0.01, scale=1.1, residual_ms=0.05, drift=1.04, model="deit_t",
+                                 engine="tvm", tuning="untuned"))
+    oh = read_overhead(lut, "deit_t", t)
+    q = predict(t, "deit_t", parse_keep("0.7,0.49,0.343", SPEC), oh)
+    assert q.total_ms == pytest.approx(1.04 * p.total_ms) and oh.at_table(q.sum_ms, 20) == pytest.approx(p.total_ms)
+    assert q.ci_high_ms - q.total_ms == pytest.approx(1.04 * (p.ci_high_ms - p.total_ms))
+    assert budget_on_sum(q.total_ms, oh, 20) == pytest.approx(q.sum_ms)
+    assert "x 1.040 machine drift" in format_prediction(q)
+    data = json.loads(overhead_path(lut, "deit_t").read_text())
+    del data["drift"]  # written before the calibration kept its drift: the table's moment, as then
+    overhead_path(lut, "deit_t").write_text(json.dumps(data))
+    assert read_overhead(lut, "deit_t", t).drift == 1.0
     write_overhead(lut, Overhead(per_call_ms=0.01, model="deit_t", engine="onnxruntime", tuning="none"))
     with pytest.raises(LutError, match="calibrated for onnxruntime/none"):
         read_overhead(lut, "deit_t", t)

@@ -122,10 +122,28 @@ def test_end_to_end_validation_onnxruntime(workdir, tmp_path):
         assert c.measured_ms == min(c.samples_ms)
         calls = len(unit_tokens(get_model("deit_t"), schedule_of(get_model("deit_t"), c.kept)))
         assert c.predicted_ms == pytest.approx(oh.apply(c.sum_ms, calls))
-    assert oh.spread == pytest.approx(statistics.median(abs(c.predicted_ms / c.corrected_ms - 1) for c in cal.configs))
+    # scale and constant are fitted at the table's machine state; the calibration's own drift is one factor
+    assert oh.spread == pytest.approx(statistics.median(abs(c.corrected_error) for c in cal.configs))
+    assert oh.drift == pytest.approx(statistics.median(c.drift for c in cal.configs)) and oh.drift != 1.0
+    assert all(c.at_table_ms * oh.drift == pytest.approx(c.predicted_ms) for c in cal.configs)
+    assert all(c.machine == oh.drift for c in later.configs)
     assert cal.per_call_ms == oh.per_call_ms
     out = CliRunner().invoke(main, ["predict", "--lut", str(lut), "--model", "deit_t", "--keep", "0.7,0.49,0.343"])
     assert out.exit_code == 0 and "overhead correction" in out.output, out.output
+
+    # --again: the same schedules in a new pass, with the repeatability against the first; cut off, a
+    # rerun with --again finishes that pass rather than starting a third
+    n0 = len(v.results_path.read_text().splitlines())
+    a = validate(str(cfg), "deit_t", lut, configs=3, seed=0, progress=False, echo=lambda *a: None, stat="min", again=True)
+    new = [json.loads(l) for l in v.results_path.read_text().splitlines()[n0:]]
+    assert len(new) == 9 and len({l["run"] for l in new}) == 1 and new[0]["run"] != lines[0]["run"]
+    assert sorted(r.kept for r in a.retest) == sorted(c.kept for c in v.configs)
+    v.results_path.write_text("".join(v.results_path.read_text().splitlines(keepends=True)[:n0 + 4]))
+    said = []
+    b = validate(str(cfg), "deit_t", lut, configs=3, seed=0, progress=False, echo=said.append, stat="min", again=True)
+    new = [json.loads(l) for l in v.results_path.read_text().splitlines()[n0:]]
+    assert len(new) == 9 and {l["run"] for l in new} == {new[0]["run"]} and "finishing the pass" in said[0]
+    assert all(len(c.samples_ms) == 9 for c in b.configs) and len(b.retest) == 3
 
 
 def _write_synthetic(tmp_path):
@@ -205,3 +223,22 @@ def test_on_grid_schedules_are_the_solvers_candidates():
     assert [s.kept for s in random_schedules(t, SPEC, 15, seed=1, on_grid=True)] == [s.kept for s in scheds]
     with pytest.raises(UsageError, match="fewer than 60 distinct"):  # 6 counts: at most 56 schedules
         random_schedules(t, SPEC, 60, on_grid=True)
+
+
+def test_drift_corrected_shares_compare_both_sides_at_the_tables_moment():
+    """A calibration taken while the device ran 8% slower than during the table predicts 8% more: as
+    measured that is right, and against end to end corrected by its references the prediction is taken
+    back to the table's moment too, so the corrected share does not count the drift twice."""
+    from pathlib import Path
+
+    from latprof.validate import ConfigResult, ValidationResult
+
+    errs = [0.0, 0.03, -0.04]
+    cs = [ConfigResult(i, [i], [], x, 1.08 * x, 1.08 * x * (1 + e), 0, 0, 0, 0, drift=1.08, machine=1.08)
+          for i, (x, e) in enumerate(zip([10.0, 20.0, 30.0], errs))]
+    v = ValidationResult("d", "deit_t", "tvm", "untuned", cs, None, Path("r.jsonl"))
+    assert [c.corrected_error for c in cs] == pytest.approx([1 / (1 + e) - 1 for e in errs])
+    assert v.within(0.05) == 1 and v.within(0.05, drift=True) == 1
+    for c in cs:
+        c.machine = 1.0  # as if the drift stayed in the prediction: +8%, +4.9%, +12.5% against the corrected
+    assert v.within(0.05, drift=True) == pytest.approx(1 / 3)

@@ -122,6 +122,7 @@ def set_aside_bad_records(work_dir: Path) -> int:
     from tvm.s_tir import meta_schedule as ms
 
     from latprof.lut.table import atomic_write_text
+    from latprof.measure.samples import append_line
 
     records = [line for line in (work_dir / "records.json").read_text().splitlines() if line.strip()]
     workloads = read_workloads(work_dir, {json.loads(line)[0] for line in records})
@@ -134,8 +135,7 @@ def set_aside_bad_records(work_dir: Path) -> int:
         except Exception:
             bad.append(line)
     if bad:
-        with open(work_dir / "records.rejected.json", "a") as fh:
-            fh.write("\n".join(bad) + "\n")
+        append_line(work_dir / "records.rejected.json", "\n".join(bad))  # one write: a kill keeps all or none
         atomic_write_text(work_dir / "records.json", "\n".join(good) + "\n" if good else "")
     return len(bad)
 
