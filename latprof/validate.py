@@ -548,9 +548,10 @@ def validate(device, model: str, lut, configs: int = 20, seed: int = 0, workdir=
     if rounds < 1:
         raise UsageError(f"rounds {rounds}", "measure each model in at least one visit")
     lines = read_results(rpath)
-    history = [r for r in measurements(lines) if r["complete"]]
+    merged = measurements(lines)
+    history = [r for r in merged if r["complete"]]
     done, cut = {}, {}  # kept -> its latest complete measurement / a pass cut off before its last visit
-    ours = [r for r in measurements(lines) if r.get("table") == tid and r.get("tuning") == tuning]
+    ours = [r for r in merged if r.get("table") == tid and r.get("tuning") == tuning]
     if again:  # a new pass; or, where the last one of these schedules was cut off, that one finished first
         wanted = {tuple(s.kept) for s in schedules}
         open_runs = sorted(r["run"] for r in ours if not r["complete"] and "run" in r and tuple(r["kept"]) in wanted)
