@@ -133,6 +133,27 @@ def tune(device, model, tokens, trials, workdir, quiet):
     click.echo(f"{len(libs)} graphs tuned ({eng.tuning_label()}) and compiled; database in {eng.tuning_dir}")
 
 
+@main.command()
+@click.option("--only", type=click.Choice(["graphs", "libs"]), multiple=True,
+              help="Clean only this part (repeatable; default: both).")
+@click.option("--dry-run", is_flag=True, help="Say what would be freed, delete nothing.")
+@workdir_option
+def clean(only, dry_run, workdir):
+    """Free disk: delete what a workdir can rebuild (exported graphs, compiled libraries).
+
+    Raw samples, tuning databases, tables and validation results are kept."""
+    from latprof.measure.runner import default_workdir
+    from latprof.measure.workdir import REBUILDABLE, clean as run
+
+    workdir = Path(workdir or default_workdir())
+    parts = run(workdir, tuple(only) or tuple(REBUILDABLE), dry_run)
+    verb = "would free" if dry_run else "freed"
+    for p in parts:
+        click.echo(f"{p.name}/: {verb} {p.bytes / 2**20:,.1f} MiB in {p.files} files ({p.rebuilt})")
+    total = sum(p.bytes for p in parts)
+    click.echo(f"{workdir}: {verb} {total / 2**20:,.1f} MiB in all" if parts else f"{workdir}: nothing to clean")
+
+
 def _build(store: Path, out: Path, engine: str | None, raw: bool = False):
     from latprof.lut.build import build_and_write
 

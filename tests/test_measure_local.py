@@ -42,6 +42,19 @@ def test_measure_build_lut_and_resume(workdir, tmp_path):
     again = measure(str(cfg), "deit_t", [9, 17], progress=False)
     assert (again.measured, again.skipped) == (0, n_points)
     assert sorted((workdir / "libs").iterdir()) == libs
+    # cleaned: nothing is measured again, and graphs and libraries come back under the same names
+    from latprof.devices.config import load_config
+    from latprof.measure.runner import compile_graphs, export_graphs, make_engine
+    from latprof.measure.workdir import clean
+    from latprof.progress import bar_factory
+
+    assert {p.name for p in clean(workdir)} == {"graphs", "libs"} and not (workdir / "libs").exists()
+    again = measure(str(cfg), "deit_t", [9, 17], progress=False)
+    assert (again.measured, again.skipped) == (0, n_points)
+    bars = bar_factory(False)
+    eng = make_engine("tvm", load_config(str(cfg)), spec, workdir)
+    compile_graphs(eng, spec, export_graphs(spec, [9, 17], workdir, bars), workdir, bars)
+    assert sorted((workdir / "libs").iterdir()) == libs
 
     table = build_and_write(store_path(workdir, "testdev"), tmp_path / "luts" / "testdev.csv")
     t = read_lut(tmp_path / "luts" / "testdev.csv")

@@ -2,6 +2,7 @@
 to another token count, the progress of tuning, and that a tuned build really carries the schedules."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -144,6 +145,16 @@ def test_tune_transfer_and_build(tuned):
     again = _Bars()
     eng.prepare([graphs[13], graphs[7]], again, anchors=[graphs[16]])
     assert not again.by_prefix("tune") and not again.by_prefix("transfer")
+    # nor with its libraries cleaned: they are compiled again, from the database, to the same files
+    from latprof.measure.workdir import clean
+
+    held = sorted(eng.lib_dir.iterdir())
+    (part,) = clean(eng.workdir, ("libs",))
+    assert part.files == len(held) >= 2 and not eng.lib_dir.exists()
+    again = _Bars()
+    assert eng.prepare([graphs[13], graphs[7]], again, anchors=[graphs[16]]) == libs
+    assert not again.by_prefix("tune") and not again.by_prefix("transfer")
+    assert all(Path(p).exists() for p in libs.values())
 
 
 @pytest.mark.slow

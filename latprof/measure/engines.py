@@ -20,6 +20,7 @@ from latprof.compile import tuning
 from latprof.devices.config import DeviceConfig
 from latprof.errors import CompileError, ConfigError, DeviceError, UsageError, require
 from latprof.export import TIE_MARGIN, Graph, topk_margin
+from latprof.measure.workdir import hold
 
 OUTPUT_TOLERANCE = 2e-3  # device output vs onnxruntime (fast-math erf/exp differ by ~1e-5)
 
@@ -37,6 +38,7 @@ def register_engine(name: str):
 def get_engine(name: str, cfg: DeviceConfig, workdir: Path, trials: int | None = None):
     if name not in _ENGINES:
         raise ConfigError(f"unknown engine '{name}'", f"use one of {', '.join(sorted(_ENGINES))}")
+    hold(workdir)  # its graphs and libraries are in use until this process ends
     return _ENGINES[name](cfg, workdir, trials)
 
 

@@ -30,6 +30,7 @@ from latprof.export import Graph, export_unit
 from latprof.lut.table import atomic_write_text
 from latprof.measure.engines import get_engine
 from latprof.measure.samples import SampleStore, point_key
+from latprof.measure.workdir import hold
 from latprof.models import ModelSpec, get_model
 from latprof.progress import bar_factory
 
@@ -115,6 +116,7 @@ def export_graphs(spec: ModelSpec, tokens, workdir: Path, progress,
         unit = next(u for u in spec.units if u.shared == shared)
         for n in ([unit.fixed_tokens] if unit.kind == "fixed" else unit_grid(spec, unit, tokens)):
             wanted.append((shared, n))
+    hold(workdir)
     graph_dir = workdir / "graphs"
     index_path = graph_dir / "index.json"
     index = json.loads(index_path.read_text()) if index_path.exists() else {}
