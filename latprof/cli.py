@@ -149,7 +149,7 @@ def clean(only, dry_run, workdir):
     parts = run(workdir, tuple(only) or tuple(REBUILDABLE), dry_run)
     verb = "would free" if dry_run else "freed"
     for p in parts:
-        click.echo(f"{p.name}/: {verb} {p.bytes / 2**20:,.1f} MiB in {p.files} files ({p.rebuilt})")
+        click.echo(f"{p.name}/: {verb} {p.bytes / 2**20:,.1f} MiB in {p.files} files; {p.rebuilt}")
     total = sum(p.bytes for p in parts)
     click.echo(f"{workdir}: {verb} {total / 2**20:,.1f} MiB in all" if parts else f"{workdir}: nothing to clean")
 

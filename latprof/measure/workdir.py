@@ -4,7 +4,7 @@ Kept: raw samples, tuning databases, tables, validation results (hours of device
 Rebuilt: exported ONNX graphs and compiled libraries, which are content-addressed (a graph by the
 hash of its bytes, a library by its graph, target and tuning records), so a later run exports or
 compiles them again to the same names and measures nothing again. They are most of a workdir's size
-(a tuned-TVM validation holds 2.5-5 GB of graphs).
+(a tuned-TVM PiT-S validation left 2.5 GB of graphs and 2.6 GB of libraries beside 0.1 GB of the rest).
 
 A run holds a shared lock on the workdir from the moment it opens an engine or exports a graph until
 its process ends; `clean` takes it exclusively, so it never deletes files a running measurement reads.
@@ -24,7 +24,7 @@ LOCK = ".latprof.lock"
 # part -> what removing it costs the next run
 REBUILDABLE = {
     "graphs": "exported again from the model code by the next run that needs them",
-    "libs": "compiled again from the tuning database by the next run that needs them (nothing is tuned again)",
+    "libs": "compiled again from the tuning database by the next run that needs them; nothing is tuned again",
 }
 
 _held: dict[Path, int] = {}  # workdir -> fd holding its shared lock (released when the process exits)
