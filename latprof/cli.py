@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 
 from latprof.errors import LatprofError
+from latprof.measure.workdir import REBUILDABLE
 
 
 class Group(click.Group):
@@ -134,7 +135,7 @@ def tune(device, model, tokens, trials, workdir, quiet):
 
 
 @main.command()
-@click.option("--only", type=click.Choice(["graphs", "libs"]), multiple=True,
+@click.option("--only", type=click.Choice(list(REBUILDABLE)), multiple=True,
               help="Clean only this part (repeatable; default: both).")
 @click.option("--dry-run", is_flag=True, help="Say what would be freed, delete nothing.")
 @workdir_option
@@ -143,7 +144,7 @@ def clean(only, dry_run, workdir):
 
     Raw samples, tuning databases, tables and validation results are kept."""
     from latprof.measure.runner import default_workdir
-    from latprof.measure.workdir import REBUILDABLE, clean as run
+    from latprof.measure.workdir import clean as run
 
     workdir = Path(workdir or default_workdir())
     parts = run(workdir, tuple(only) or tuple(REBUILDABLE), dry_run)

@@ -30,13 +30,17 @@ REBUILDABLE = {
 _held: dict[Path, int] = {}  # workdir -> fd holding its shared lock (released when the process exits)
 
 
+def _lock_fd(workdir: Path) -> int:
+    return os.open(workdir / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+
+
 def hold(workdir: Path) -> None:
     """Mark this process as using `workdir` until it exits: `clean` then refuses to touch it."""
     workdir = Path(workdir).resolve()
     if workdir in _held:
         return
     workdir.mkdir(parents=True, exist_ok=True)
-    fd = os.open(workdir / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    fd = _lock_fd(workdir)
     fcntl.flock(fd, fcntl.LOCK_SH)  # blocks only while a clean is deleting, seconds at most
     _held[workdir] = fd
 
@@ -72,7 +76,7 @@ def clean(workdir: Path, parts: tuple[str, ...] = tuple(REBUILDABLE), dry_run: b
     own = _held.pop(workdir.resolve(), None)
     if own is not None:  # this process's own runs are done with it (a second lock of ours would block us)
         os.close(own)
-    fd = os.open(workdir / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    fd = _lock_fd(workdir)
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
