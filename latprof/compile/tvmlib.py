@@ -3,15 +3,23 @@ needs from it goes through the functions here."""
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import os
+import sys
+import tempfile
 import weakref
 from pathlib import Path
 
 from latprof.errors import CompileError, DeviceError, require
 
 TVM_PIN = "0.27.0.post1"
+
+# Logged by TOPI's C++ for every `take` in its default "fast" mode, once per graph legalized (a
+# thousand lines per tuned fidelity run, burying the progress bars). Our graphs' gathers read constant
+# indices that torch's export already bounds-checked, so the warning never applies here.
+_TAKE_NOISE = b"Fast mode segfaults when there are out-of-bounds indices"
 
 
 @functools.lru_cache(maxsize=None)
@@ -64,8 +72,29 @@ def prepare(mod, target, fast_math: bool = True):
     if fast_math:
         passes.append(relax.transform.FastMathTransform())
     passes.append(relax.pipeline.zero_pipeline())
-    with target:
+    with target, _native_stderr_without(_TAKE_NOISE):
         return tvm().transform.Sequential(passes)(mod)
+
+
+@contextlib.contextmanager
+def _native_stderr_without(noise: bytes):
+    """Hold back the lines containing `noise` that native code writes to fd 2 meanwhile; the rest is
+    passed on, in order, when the block ends. TVM's C++ logging writes to fd 2 directly, past Python."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as held:
+        os.dup2(held.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            held.seek(0)
+            kept = b"".join(ln for ln in held.read().splitlines(keepends=True) if noise not in ln)
+            if kept:
+                sys.stderr.write(kept.decode(errors="replace"))
+                sys.stderr.flush()
 
 
 def extract_tasks(mod, target):
