@@ -457,7 +457,37 @@ def predict(table, model: str, schedule: TokenSchedule, overhead: Overhead | Non
                       fix(sum(u.q3_ms for u in out), calls), sum(u.macs for u in out), overhead)
 
 
-def format_prediction(p: Prediction, breakdown: bool = True) -> str:
+# Older than this, a calibration's drift is a guess: on our shared host, DeiT-T with tuned TVM was predicted
+# within ±5% for 75-85% of schedules from a fresh table and 45-55% from one 75 minutes old
+# (docs/measurements.md, "How the trust table got here").
+STALE_CALIBRATION = _dt.timedelta(hours=1)
+
+
+def calibration_age(oh: Overhead, now: _dt.datetime | None = None) -> _dt.timedelta | None:
+    """How long ago the calibration was written (None when it carries no readable time)."""
+    try:
+        created = _dt.datetime.fromisoformat(oh.created)
+    except (TypeError, ValueError):
+        return None
+    if created.tzinfo is None:
+        created = created.replace(tzinfo=_dt.timezone.utc)
+    return (now or _dt.datetime.now(_dt.timezone.utc)) - created
+
+
+def _age_line(oh: Overhead, now: _dt.datetime | None) -> str | None:
+    age = calibration_age(oh, now)
+    if age is None:
+        return None
+    hours = age.total_seconds() / 3600
+    text = f"  calibrated {oh.created} ({hours:.1f} h ago)"
+    if age > STALE_CALIBRATION:
+        text += (f"; the prediction is of the device as it ran then: if it must hold now, recalibrate with "
+                 f"`latprof validate --calibrate --model {oh.model or 'MODEL'}`")
+    return text
+
+
+def format_prediction(p: Prediction, breakdown: bool = True, now: _dt.datetime | None = None) -> str:
+    """`now` is for tests: the calibration's age is reckoned from it."""
     from latprof.models import get_model
 
     kept = getattr(get_model(p.model).layout, "kept_label", "kept patches")
@@ -470,6 +500,9 @@ def format_prediction(p: Prediction, breakdown: bool = True) -> str:
                      f"(scale {oh.scale:.3f} x (sum - {len(p.units) - 1} x {oh.per_call_ms:.4f} ms per call) "
                      f"{oh.residual_ms:+.4f} ms, x {oh.drift:.3f} machine drift during the calibration; from "
                      f"{oh.n_configs} calibration schedules, statistic {oh.statistic})")
+        age = _age_line(oh, now)
+        if age:
+            lines.append(age)
     if breakdown:
         lines.append(f"  {'unit':12s} {'N':>4s} {'median ms':>10s} {'95% CI':>19s} {'share':>6s} {'MMACs':>9s}")
         for u in p.units:

@@ -1,5 +1,6 @@
 """Prediction math on small synthetic tables: sum, interpolation, uncertainty, MACs, parsing, errors."""
 
+import datetime as _dt
 import json
 import math
 import re
@@ -11,7 +12,7 @@ from click.testing import CliRunner
 from latprof.errors import LutError, UsageError
 from latprof.lut.table import read_lut, write_lut
 from latprof.models import get_model
-from latprof.predict import (Overhead, fit_overhead, format_prediction, model_macs, overhead_path, parse_keep, parse_tokens,
+from latprof.predict import (Overhead, calibration_age, fit_overhead, format_prediction, model_macs, overhead_path, parse_keep, parse_tokens,
                              budget_on_sum, predict, read_overhead, unit_macs, unit_tokens, write_overhead)
 from latprof.schedule import TokenSchedule
 from latprof.train.synthetic import synthetic_table
@@ -186,6 +187,13 @@ def test_overhead_sidecar_roundtrip_and_correction(tmp_path):
     assert q.ci_high_ms - q.total_ms == pytest.approx(1.04 * (p.ci_high_ms - p.total_ms))
     assert budget_on_sum(q.total_ms, oh, 20) == pytest.approx(q.sum_ms)
     assert "x 1.040 machine drift" in format_prediction(q)
+    # its age is shown, and past an hour the prediction says what it is of and how to renew it
+    made = _dt.datetime.fromisoformat(oh.created)
+    fresh = format_prediction(q, now=made + _dt.timedelta(minutes=30))
+    old = format_prediction(q, now=made + _dt.timedelta(hours=3))
+    assert f"calibrated {oh.created} (0.5 h ago)" in fresh and "recalibrate" not in fresh
+    assert f"calibrated {oh.created} (3.0 h ago); " in old and "latprof validate --calibrate --model deit_t" in old
+    assert calibration_age(Overhead()) is None  # a sidecar without its time: no age claimed
     data = json.loads(overhead_path(lut, "deit_t").read_text())
     del data["drift"]  # written before the calibration kept its drift: the table's moment, as then
     overhead_path(lut, "deit_t").write_text(json.dumps(data))
