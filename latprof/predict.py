@@ -11,6 +11,8 @@ Uncertainty (two figures, both reported):
   Units that share one measured graph at one N (DeiT's blocks of a stage) share their error, so their
   half-widths add linearly; different graphs are independent, so their group half-widths add in
   quadrature (lower and upper side separately; the CIs are asymmetric).
+  A unit at a count the table did not measure adds, to both sides of its CI, the interpolation error
+  its own curve shows (`interpolation_error`, leave one out), shared like the rest within its group.
 - ``iqr``: the sum of the interpolated quartiles (q1, q3) of every unit: a deliberately pessimistic
   band (fully correlated run-to-run spread) of what one end-to-end sample may read.
 
@@ -404,6 +406,23 @@ class Prediction:
         return self.sum_ms + self.overhead_ms
 
 
+def interpolation_error(tokens, medians, n: float) -> float:
+    """Relative error to expect from interpolating a curve at an unmeasured `n`: each interior measured
+    count predicted from its two neighbours alone (leave one out), and the larger of those errors at the
+    two counts that bracket `n` (an end count takes its neighbour's). Tuned TVM is not linear in N (a tile
+    boundary can cost 10-20% from one count to the next), and this is the table's own evidence of how far
+    off the line it runs; 0 for a curve of fewer than three counts, which holds no such evidence."""
+    import numpy as np
+
+    xs, ys = np.asarray(tokens, float), np.asarray(medians, float)
+    if len(xs) < 3:
+        return 0.0
+    loo = np.abs(ys[:-2] + (ys[2:] - ys[:-2]) * (xs[1:-1] - xs[:-2]) / (xs[2:] - xs[:-2]) - ys[1:-1]) / ys[1:-1]
+    loo = np.concatenate([loo[:1], loo, loo[-1:]])  # the end counts borrow their neighbour's
+    j = int(np.clip(np.searchsorted(xs, n) - 1, 0, len(xs) - 2))
+    return float(max(loo[j], loo[j + 1]))
+
+
 def predict(table, model: str, schedule: TokenSchedule, overhead: Overhead | None = None) -> Prediction:
     """Predicted end-to-end latency of `model` under `schedule` from `table` (one engine)."""
     import numpy as np
@@ -437,6 +456,9 @@ def predict(table, model: str, schedule: TokenSchedule, overhead: Overhead | Non
                                f"measure that count (latprof measure --tokens ...,{n}) or keep more tokens")
             vals = tuple(float(np.interp(n, tokens, ys)) for ys in (med, lo_c, hi_c, q1, q3))
             g, measured = graphs[int(np.argmin(np.abs(tokens - n)))], int(n) in tokens.tolist()
+            if not measured:  # widen the CI by how far the curve strays from a line between its counts
+                h = interpolation_error(tokens, med, n) * vals[0]
+                vals = (vals[0], vals[1] - h, vals[2] + h, vals[3], vals[4])
         out.append(UnitPrediction(unit, int(n), *[float(v) for v in vals], macs=unit_macs(spec, unit, n), graph=str(g),
                                   measured=measured))
     total = sum(u.median_ms for u in out)

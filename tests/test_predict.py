@@ -12,7 +12,7 @@ from click.testing import CliRunner
 from latprof.errors import LutError, UsageError
 from latprof.lut.table import read_lut, write_lut
 from latprof.models import get_model
-from latprof.predict import (Overhead, calibration_age, fit_overhead, format_prediction, model_macs, overhead_path, parse_keep, parse_tokens,
+from latprof.predict import (Overhead, calibration_age, interpolation_error, fit_overhead, format_prediction, model_macs, overhead_path, parse_keep, parse_tokens,
                              budget_on_sum, predict, read_overhead, unit_macs, unit_tokens, write_overhead)
 from latprof.schedule import TokenSchedule
 from latprof.train.synthetic import synthetic_table
@@ -101,6 +101,29 @@ def test_uncertainty_shared_graphs_add_linearly_groups_in_quadrature():
     assert p.ci_high_ms == pytest.approx(p.total_ms + hi)
     assert p.q1_ms == pytest.approx(sum(u.q1_ms for u in p.units))
     assert p.q1_ms < p.total_ms < p.q3_ms
+
+
+def test_an_unmeasured_count_widens_its_ci_by_the_curves_own_departure_from_a_line():
+    xs, ys = [17, 33, 49, 65], [0.3, 0.5, 0.6, 0.8]  # 33 sits 0.05 above the chord 17-49: 11% of 0.45
+    assert interpolation_error(xs, [0.1 + 0.01 * x for x in xs], 40) == pytest.approx(0, abs=1e-12)
+    assert interpolation_error(xs, ys, 40) == pytest.approx(0.05 / 0.5)  # 33 (0.05 / 0.5), 49 (0.05 / 0.6)
+    assert interpolation_error(xs, ys, 20) == pytest.approx(0.05 / 0.5)  # 17 borrows 33's
+    assert interpolation_error(xs, ys, 60) == pytest.approx(0.05 / 0.6)  # 65 borrows 49's
+    assert interpolation_error([17, 65], [0.3, 0.8], 40) == 0.0  # two counts: no evidence either way
+
+    t = table()
+    rows = t.frame["unit"].str.startswith("blocks.")
+    t.frame.loc[rows, "median_ms"] = t.frame.loc[rows, "tokens"] ** 2 / 1e4  # convex: off the chord
+    t.frame.loc[rows, "ci_low_ms"] = t.frame.loc[rows, "median_ms"] * 0.99
+    t.frame.loc[rows, "ci_high_ms"] = t.frame.loc[rows, "median_ms"] * 1.01
+    p = predict(t, "deit_t", parse_tokens(",".join(["197"] * 3 + ["150"] * 3 + ["120"] * 6), SPEC))
+    at = {u.unit: u for u in p.units}
+    assert at["blocks.4"].ci_high_ms == pytest.approx(150 ** 2 / 1e4 * 1.01)  # measured: the table's own CI
+    b = at["blocks.8"]
+    curve = t.curve("deit_t", "blocks.8")
+    h = interpolation_error(curve[0], curve[1], 120) * b.median_ms
+    assert h > 0.02 * b.median_ms
+    assert b.ci_high_ms == pytest.approx(b.median_ms * 1.01 + h) and b.ci_low_ms == pytest.approx(b.median_ms * 0.99 - h)
 
 
 def test_dense_macs_match_published_figures():
