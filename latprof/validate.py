@@ -147,6 +147,11 @@ class ValidationResult:
             return _share([(c.sum_ms / c.corrected_ms - 1) if raw else c.corrected_error for c in self.configs], tol)
         return _share([(c.sum_ms if raw else c.predicted_ms) / c.measured_ms - 1 for c in self.configs], tol)
 
+    def inside_interval(self) -> int:
+        """Schedules whose measured end to end lies inside their prediction's 95% interval: that interval
+        holds the table's noise and its interpolation, not the machine's or the calibration's."""
+        return sum(c.ci_low_ms <= c.measured_ms <= c.ci_high_ms for c in self.configs)
+
     @property
     def has_drift(self) -> bool:
         return bool(self.configs) and all(c.drift for c in self.configs)
@@ -678,6 +683,9 @@ def format_validation(v: ValidationResult) -> str:
         lines.append(f"  {c.index:3d} {str(c.kept):{w}s} {c.predicted_ms:10.3f} {c.measured_ms:10.3f} {c.error:+7.1%}  "
                      f"{c.sum_ms:12.3f}  {d}")
     lines.append(v.summary())
+    if v.configs:
+        lines.append(f"measured inside the prediction's 95% interval (the table's noise and interpolation): "
+                     f"{v.inside_interval()} of {len(v.configs)}")
     if v.has_drift:
         lines.append(f"against end to end corrected for machine drift (reference units re-measured before and after each schedule): "
                      f"{v.within(0.05, drift=True):.0%} within ±5%, {v.within(0.10, drift=True):.0%} within ±10%")

@@ -242,3 +242,16 @@ def test_drift_corrected_shares_compare_both_sides_at_the_tables_moment():
     for c in cs:
         c.machine = 1.0  # as if the drift stayed in the prediction: +8%, +4.9%, +12.5% against the corrected
     assert v.within(0.05, drift=True) == pytest.approx(1 / 3)
+
+
+def test_the_report_counts_the_schedules_measured_inside_their_interval():
+    from pathlib import Path
+
+    from latprof.validate import ConfigResult, ValidationResult, format_validation
+
+    # measured 10.0 each; intervals: around it, just below it, touching it from above
+    cis = [(9.5, 10.5), (9.0, 9.9), (10.0, 10.4)]
+    cs = [ConfigResult(i, [100], [], 10.0, 10.0, 10.0, 9.8, 10.2, lo, hi) for i, (lo, hi) in enumerate(cis)]
+    v = ValidationResult("d", "deit_t", "tvm", "untuned", cs, None, Path("r.jsonl"))
+    assert v.inside_interval() == 2
+    assert "measured inside the prediction's 95% interval (the table's noise and interpolation): 2 of 3" in format_validation(v)
