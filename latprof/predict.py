@@ -13,6 +13,11 @@ Uncertainty (two figures, both reported):
   quadrature (lower and upper side separately; the CIs are asymmetric).
   A unit at a count the table did not measure adds, to both sides of its CI, the interpolation error
   its own curve shows (`interpolation_error`, leave one out), shared like the rest within its group.
+- ``pi``: a 95% prediction interval for one end-to-end measurement, with a calibration: the CI and the
+  calibration's own scatter (`Overhead.rel_sd`, the relative residual of the calibration schedules as
+  measured, machine and all) added in quadrature, that scatter taken as Student's t with the fit's
+  degrees of freedom (`t975`) and widened by sqrt(1 + 1/n) for a new schedule. Without a calibration it
+  is the CI. What no calibration sees (the host an hour later) is in neither.
 - ``iqr``: the sum of the interpolated quartiles (q1, q3) of every unit: a deliberately pessimistic
   band (fully correlated run-to-run spread) of what one end-to-end sample may read.
 
@@ -206,6 +211,8 @@ class Overhead:
     table: str = ""
     created: str = ""
     drift: float = 1.0              # reference units during the calibration / in the table (1.0: unknown or none)
+    rel_sd: float = 0.0             # relative residual sd of the calibration as measured (`calibration_scatter`)
+    dof: int = 0                    # its degrees of freedom: schedules - fitted terms (0: no scatter known)
     method: str = "predicted = drift * (scale * (sum(units) - (calls - 1) * per_call_ms) + residual_ms)"
     schema: int = OVERHEAD_SCHEMA
 
@@ -222,7 +229,37 @@ class Overhead:
 
     def describe(self) -> str:
         return (f"scale {self.scale:.3f} {self.residual_ms:+.3f} ms (fit within ±{self.spread:.1%} in sample), "
-                f"{self.per_call_ms * 1e3:.1f} us per engine call, machine drift {self.drift:.3f}")
+                f"{self.per_call_ms * 1e3:.1f} us per engine call, machine drift {self.drift:.3f}"
+                + (f", scatter {self.rel_sd:.1%} ({self.dof} dof)" if self.dof else ""))
+
+    def scatter_half(self) -> float:
+        """Relative half-width that the calibration's scatter adds to a new schedule's 95% interval."""
+        if self.dof < 1 or self.n_configs < 1:
+            return 0.0
+        return t975(self.dof) * self.rel_sd * math.sqrt(1 + 1 / self.n_configs)
+
+
+# Student's t, two-sided 95%, by degrees of freedom (scipy is not a dependency); past 10 the
+# Cornish-Fisher expansion around the normal quantile is within 0.05% of it.
+_T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228)
+
+
+def t975(dof: int) -> float:
+    if dof < 1:
+        raise ValueError("t needs at least one degree of freedom")
+    if dof <= len(_T975):
+        return _T975[dof - 1]
+    z, v = 1.959964, float(dof)
+    return (z + (z ** 3 + z) / (4 * v) + (5 * z ** 5 + 16 * z ** 3 + 3 * z) / (96 * v ** 2)
+            + (3 * z ** 7 + 19 * z ** 5 + 17 * z ** 3 - 15 * z) / (384 * v ** 3))
+
+
+def calibration_scatter(predicted_ms, measured_ms, dof: int) -> float:
+    """Relative residual sd, sqrt(sum((predicted / measured - 1)^2) / dof): how far one schedule's end
+    to end strays from the calibration that fitted it (0 when no degree of freedom is left)."""
+    if dof < 1:
+        return 0.0
+    return math.sqrt(sum((p / m - 1) ** 2 for p, m in zip(predicted_ms, measured_ms)) / dof)
 
 
 def fit_overhead(sums_ms, measured_ms, calls: int, per_call_ms: float = 0.0, **meta) -> Overhead:
@@ -250,10 +287,14 @@ def fit_overhead(sums_ms, measured_ms, calls: int, per_call_ms: float = 0.0, **m
     def sse(f):
         return sum((f[0] * x + f[1] - y) ** 2 * a for a, x, y in zip(w, xs, ys))
 
-    scale, residual = min(fits, key=sse)
+    best = min(range(len(fits)), key=lambda i: sse(fits[i]))
+    scale, residual = fits[best]
+    terms = 2 if best == 2 else 1  # the free line fits two terms, the pure scale or constant one
     spread = statistics.median(abs((scale * x + residual) / y - 1) for x, y in zip(xs, ys))
+    dof = max(0, len(xs) - terms)
+    meta.setdefault("rel_sd", calibration_scatter([scale * x + residual for x in xs], ys, dof))
     return Overhead(per_call_ms=per_call_ms, scale=scale, residual_ms=residual, spread=spread,
-                    n_configs=len(xs), **meta)
+                    n_configs=len(xs), dof=dof, **meta)
 
 
 def overhead_path(lut_path: str | Path, model: str) -> Path:
@@ -400,6 +441,8 @@ class Prediction:
     q3_ms: float
     macs: int
     overhead: Overhead | None = field(default=None, repr=False)
+    pi_low_ms: float = 0.0  # 95% prediction interval of one measurement (the CI without a calibration)
+    pi_high_ms: float = 0.0
 
     @property
     def total_ms(self) -> float:
@@ -474,9 +517,12 @@ def predict(table, model: str, schedule: TokenSchedule, overhead: Overhead | Non
     fix = overhead.apply if overhead else (lambda v, c: v)
     corr = fix(total, calls) - total
     k = overhead.scale * overhead.drift if overhead else 1.0
+    value = fix(total, calls)
+    scatter = overhead.scatter_half() * value if overhead else 0.0
     return Prediction(model, engine, tuning, tuple(schedule.kept), schedule.block_tokens(), out, total, corr,
-                      fix(total, calls) - k * lo, fix(total, calls) + k * hi, fix(sum(u.q1_ms for u in out), calls),
-                      fix(sum(u.q3_ms for u in out), calls), sum(u.macs for u in out), overhead)
+                      value - k * lo, value + k * hi, fix(sum(u.q1_ms for u in out), calls),
+                      fix(sum(u.q3_ms for u in out), calls), sum(u.macs for u in out), overhead,
+                      value - math.hypot(k * lo, scatter), value + math.hypot(k * hi, scatter))
 
 
 # Older than this, a calibration's drift is a guess: on our shared host, DeiT-T with tuned TVM was predicted
@@ -516,6 +562,9 @@ def format_prediction(p: Prediction, breakdown: bool = True, now: _dt.datetime |
     lines = [f"{p.model} on {p.engine} ({p.tuning}), {kept} {list(p.kept)}, block N {p.block_tokens}",
              f"predicted latency {p.total_ms:.3f} ms  (95% CI {p.ci_low_ms:.3f}..{p.ci_high_ms:.3f}; "
              f"summed quartiles {p.q1_ms:.3f}..{p.q3_ms:.3f})  {p.macs / 1e9:.3f} GMACs"]
+    if p.overhead is not None and p.overhead.dof:
+        lines.append(f"  one measurement of it: 95% prediction interval {p.pi_low_ms:.3f}..{p.pi_high_ms:.3f} ms "
+                     f"(the CI and the calibration's {p.overhead.rel_sd:.1%} scatter, {p.overhead.dof} dof)")
     if p.overhead is not None:
         oh = p.overhead
         lines.append(f"  sum of units {p.sum_ms:.3f} ms, overhead correction {p.overhead_ms:+.3f} ms "

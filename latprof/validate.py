@@ -45,7 +45,7 @@ from pathlib import Path
 
 from latprof.errors import LutError, UsageError
 from latprof.measure.samples import append_line
-from latprof.predict import (Overhead, fit_overhead, parse_stat, predict, read_overhead, sample_stat, schedule_of,
+from latprof.predict import (Overhead, calibration_scatter, fit_overhead, parse_stat, predict, read_overhead, sample_stat, schedule_of,
                              table_statistic, unit_tokens, write_overhead)
 from latprof.schedule import TokenSchedule
 
@@ -69,6 +69,8 @@ class ConfigResult:
     recorded: dict = field(repr=False, default_factory=dict)  # its line in the results file
     ref_weights: dict = field(repr=False, default_factory=dict)  # each reference unit's weight in `drift`
     machine: float = 1.0     # the calibration's machine drift, in predicted_ms (Overhead.drift)
+    pi_low_ms: float = 0.0   # 95% prediction interval (the CI where the calibration knows no scatter)
+    pi_high_ms: float = 0.0
 
     @property
     def error(self) -> float:
@@ -151,6 +153,10 @@ class ValidationResult:
         """Schedules whose measured end to end lies inside their prediction's 95% interval: that interval
         holds the table's noise and its interpolation, not the machine's or the calibration's."""
         return sum(c.ci_low_ms <= c.measured_ms <= c.ci_high_ms for c in self.configs)
+
+    def inside_prediction_interval(self) -> int:
+        """The same for the prediction interval, which adds the calibration's scatter as measured."""
+        return sum(c.pi_low_ms <= c.measured_ms <= c.pi_high_ms for c in self.configs)
 
     @property
     def has_drift(self) -> bool:
@@ -639,7 +645,7 @@ def validate(device, model: str, lut, configs: int = 20, seed: int = 0, workdir=
         drift = reference_drift(record_refs(rec), ref_figures, weights, stat)
         results.append(ConfigResult(i, list(s.kept), s.block_tokens(), p.sum_ms, p.total_ms, sample_stat(xs, stat),
                                     q[0], q[2], p.ci_low_ms, p.ci_high_ms, xs, drift, rec, weights,
-                                    overhead.drift if overhead else 1.0))
+                                    overhead.drift if overhead else 1.0, p.pi_low_ms, p.pi_high_ms))
     if calibrate:
         calls = len(unit_tokens(spec, schedules[0]))
         if per_call is None:
@@ -650,10 +656,16 @@ def validate(device, model: str, lut, configs: int = 20, seed: int = 0, workdir=
                                 statistic=stat, model=model, device=cfg.name, engine=eng.name, tuning=tuning,
                                 table=str(lut_path or ""),
                                 drift=statistics.median(c.drift for c in results) if all(c.drift for c in results) else 1.0)
+        # the scatter a new schedule's interval carries is that of the end to end as measured, the machine's
+        # moves around the calibration's drift included, not that of the drift-corrected figures it was fitted on
+        overhead.rel_sd = calibration_scatter([overhead.apply(c.sum_ms, calls) for c in results],
+                                              [c.measured_ms for c in results], overhead.dof)
         if lut_path:
             write_overhead(lut_path, overhead)
-        for c in results:  # in-sample: what the new sidecar predicts for the calibration schedules
-            c.predicted_ms, c.machine = overhead.apply(c.sum_ms, calls), overhead.drift
+        for c, s in zip(results, schedules):  # in-sample: what the new sidecar predicts for the calibration schedules
+            p = predict(table, model, s, overhead)
+            c.predicted_ms, c.machine, c.ci_low_ms, c.ci_high_ms = p.total_ms, overhead.drift, p.ci_low_ms, p.ci_high_ms
+            c.pi_low_ms, c.pi_high_ms = p.pi_low_ms, p.pi_high_ms
     out = ValidationResult(cfg.name, model, eng.name, tuning, results, overhead, rpath, per_call_ms=per_call,
                            statistic=stat, retest=retests(results, history, stat))
     if plot:
@@ -684,8 +696,11 @@ def format_validation(v: ValidationResult) -> str:
                      f"{c.sum_ms:12.3f}  {d}")
     lines.append(v.summary())
     if v.configs:
-        lines.append(f"measured inside the prediction's 95% interval (the table's noise and interpolation): "
+        lines.append(f"measured inside the prediction's 95% CI (the table's noise and interpolation): "
                      f"{v.inside_interval()} of {len(v.configs)}")
+        if v.overhead is not None and v.overhead.dof:
+            lines.append(f"measured inside the 95% prediction interval (the CI and the calibration's scatter, "
+                         f"{v.overhead.rel_sd:.1%}, {v.overhead.dof} dof): {v.inside_prediction_interval()} of {len(v.configs)}")
     if v.has_drift:
         lines.append(f"against end to end corrected for machine drift (reference units re-measured before and after each schedule): "
                      f"{v.within(0.05, drift=True):.0%} within ±5%, {v.within(0.10, drift=True):.0%} within ±10%")

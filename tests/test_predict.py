@@ -12,7 +12,7 @@ from click.testing import CliRunner
 from latprof.errors import LutError, UsageError
 from latprof.lut.table import read_lut, write_lut
 from latprof.models import get_model
-from latprof.predict import (Overhead, calibration_age, interpolation_error, fit_overhead, format_prediction, model_macs, overhead_path, parse_keep, parse_tokens,
+from latprof.predict import (Overhead, calibration_age, calibration_scatter, t975, interpolation_error, fit_overhead, format_prediction, model_macs, overhead_path, parse_keep, parse_tokens,
                              budget_on_sum, predict, read_overhead, unit_macs, unit_tokens, write_overhead)
 from latprof.schedule import TokenSchedule
 from latprof.train.synthetic import synthetic_table
@@ -246,6 +246,35 @@ def test_overhead_fit_finds_the_terms_that_made_the_data():
     oh, pred = _fit([x + 19 * 0.01 for x in xs], [1.1 * x + 0.5 for x in xs], per_call=0.01, calls=20)
     assert oh.scale == pytest.approx(1.1) and oh.residual_ms == pytest.approx(0.5)
     assert pred == pytest.approx([1.1 * x + 0.5 for x in xs])
+
+
+def test_the_prediction_interval_adds_the_calibrations_scatter_as_students_t():
+    assert [t975(d) for d in (1, 4, 10)] == [12.706, 2.776, 2.228]
+    assert t975(11) == pytest.approx(2.201, abs=1e-3) and t975(30) == pytest.approx(2.042, abs=1e-3)
+    assert t975(10 ** 6) == pytest.approx(1.96, abs=1e-3)
+    with pytest.raises(ValueError):
+        t975(0)
+    assert calibration_scatter([1.1, 0.9], [1.0, 1.0], 1) == pytest.approx(math.sqrt(0.02))
+    assert calibration_scatter([1.1], [1.0], 0) == 0.0
+    # the fit spends its degrees of freedom: two for a free line, one for a pure scale or constant
+    xs = [6.0, 7.5, 9.0, 11.0, 13.0, 15.0]
+    noise = [0.02, -0.03, 0.01, 0.03, -0.02, -0.01]
+    oh = fit_overhead(xs, [(1.1 * x + 0.5) * (1 + e) for x, e in zip(xs, noise)], 1)
+    assert oh.dof == 4 and 0.01 < oh.rel_sd < 0.05
+    assert fit_overhead(xs, [1.2 * x for x in xs], 1).dof == 5
+    assert fit_overhead([5.0], [6.0], 1).dof == 0
+    # in the prediction: the CI and t x sd x sqrt(1 + 1/n) x value, in quadrature; without scatter, the CI
+    t = table()
+    s = parse_keep("0.7,0.49,0.343", SPEC)
+    plain = predict(t, "deit_t", s, Overhead(scale=1.1, residual_ms=0.05))
+    assert (plain.pi_low_ms, plain.pi_high_ms) == (plain.ci_low_ms, plain.ci_high_ms)
+    p = predict(t, "deit_t", s, Overhead(scale=1.1, residual_ms=0.05, rel_sd=0.03, dof=4, n_configs=6))
+    half = 2.776 * 0.03 * math.sqrt(1 + 1 / 6) * p.total_ms
+    assert p.total_ms == plain.total_ms and p.ci_high_ms == plain.ci_high_ms
+    assert p.pi_high_ms - p.total_ms == pytest.approx(math.hypot(plain.ci_high_ms - p.total_ms, half))
+    assert p.total_ms - p.pi_low_ms == pytest.approx(math.hypot(p.total_ms - plain.ci_low_ms, half))
+    assert "95% prediction interval" in format_prediction(p) and "3.0% scatter, 4 dof" in format_prediction(p)
+    assert "prediction interval" not in format_prediction(plain)
 
 
 def test_overhead_fit_is_never_unphysical_nor_worse_than_a_scale():

@@ -247,6 +247,7 @@ def test_drift_corrected_shares_compare_both_sides_at_the_tables_moment():
 def test_the_report_counts_the_schedules_measured_inside_their_interval():
     from pathlib import Path
 
+    from latprof.predict import Overhead
     from latprof.validate import ConfigResult, ValidationResult, format_validation
 
     # measured 10.0 each; intervals: around it, just below it, touching it from above
@@ -254,4 +255,10 @@ def test_the_report_counts_the_schedules_measured_inside_their_interval():
     cs = [ConfigResult(i, [100], [], 10.0, 10.0, 10.0, 9.8, 10.2, lo, hi) for i, (lo, hi) in enumerate(cis)]
     v = ValidationResult("d", "deit_t", "tvm", "untuned", cs, None, Path("r.jsonl"))
     assert v.inside_interval() == 2
-    assert "measured inside the prediction's 95% interval (the table's noise and interpolation): 2 of 3" in format_validation(v)
+    assert "measured inside the prediction's 95% CI (the table's noise and interpolation): 2 of 3" in format_validation(v)
+    assert "prediction interval" not in format_validation(v)  # no calibration, no scatter: no second count
+    for c, (lo, hi) in zip(cs, [(9.0, 9.99), (9.0, 11.0), (10.0, 10.0)]):
+        c.pi_low_ms, c.pi_high_ms = lo, hi
+    v.overhead = Overhead(rel_sd=0.031, dof=4, n_configs=6)
+    assert v.inside_prediction_interval() == 2
+    assert "inside the 95% prediction interval (the CI and the calibration's scatter, 3.1%, 4 dof): 2 of 3" in format_validation(v)
