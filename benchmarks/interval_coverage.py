@@ -13,16 +13,13 @@ Nothing is measured: it runs in seconds.
 
 from __future__ import annotations
 
-import argparse
 import random
 import statistics
 import sys
-from pathlib import Path
-
-from overhead_fit import groups
 
 from latprof.errors import run_script
 from latprof.predict import calibration_scatter, fit_overhead
+from overhead_fit import result_sets, split_parser
 
 
 def coverage(pts, k: int, splits: int, seed: int = 0) -> tuple[float, float, float]:
@@ -38,32 +35,24 @@ def coverage(pts, k: int, splits: int, seed: int = 0) -> tuple[float, float, flo
         half = oh.scatter_half()
         halves.append(half)
         for x, y, _ in test:
-            err = abs(y / oh.apply(x, 1) - 1)
-            inside += err <= half
-            close += abs(oh.apply(x, 1) / y - 1) <= 0.05
+            pred = oh.apply(x, 1)
+            inside += abs(y / pred - 1) <= half  # |y - pred| <= half x pred
+            close += abs(pred / y - 1) <= 0.05
         n += len(test)
     return inside / n, close / n, statistics.median(halves)
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--workdir", type=Path, action="append", required=True)
-    ap.add_argument("--cal", type=int, default=6, help="calibration schedules per split (fidelity.py's --cal-configs)")
-    ap.add_argument("--splits", type=int, default=300)
-    ap.add_argument("--stat", default="min,median")
-    args = ap.parse_args()
+    args = split_parser(__doc__, 6, "fidelity.py's --cal-configs").parse_args()
     for stat in args.stat.split(","):
         print(f"\n== statistic {stat}: calibrate on {args.cal}, {args.splits} random splits; held-out schedules "
               f"inside the 95% prediction interval, within ±5%, median half-width")
         print(f"{'results':58s} {'n':>3s}  {'inside':>7s} {'±5%':>5s} {'half':>6s}")
         rows = []
-        for wd in args.workdir:
-            for label, pts in groups(wd, stat):
-                if len(pts) < args.cal + 3:
-                    continue
-                rows.append(coverage(pts, args.cal, args.splits))
-                a, b, h = rows[-1]
-                print(f"{label[:58]:58s} {len(pts):3d}  {a:7.0%} {b:5.0%} {h:6.1%}")
+        for label, pts in result_sets(args.workdir, stat, args.cal):
+            rows.append(coverage(pts, args.cal, args.splits))
+            a, b, h = rows[-1]
+            print(f"{label[:58]:58s} {len(pts):3d}  {a:7.0%} {b:5.0%} {h:6.1%}")
         if rows:
             print(f"{'mean over ' + str(len(rows)) + ' result sets':58s} {'':3s}  "
                   f"{statistics.mean(r[0] for r in rows):7.0%} {statistics.mean(r[1] for r in rows):5.0%} "

@@ -104,13 +104,26 @@ def score(pts, k: int, splits: int, seed: int = 0) -> dict[str, tuple[float, flo
     return {m: (a / n, b / n) for m, (a, b) in hits.items()}
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def split_parser(doc: str, cal: int, cal_help: str) -> argparse.ArgumentParser:
+    """The options of a script that cross-validates calibrations over stored result sets."""
+    ap = argparse.ArgumentParser(description=doc.split("\n\n")[0])
     ap.add_argument("--workdir", type=Path, action="append", required=True)
-    ap.add_argument("--cal", type=int, default=4, help="calibration schedules per split (validate's --configs)")
+    ap.add_argument("--cal", type=int, default=cal, help=f"calibration schedules per split ({cal_help})")
     ap.add_argument("--splits", type=int, default=300)
     ap.add_argument("--stat", default="min,median")
-    args = ap.parse_args()
+    return ap
+
+
+def result_sets(workdirs, stat: str, cal: int):
+    """`groups` of every workdir with enough schedules to calibrate on `cal` and score at least 3."""
+    for wd in workdirs:
+        for label, pts in groups(wd, stat):
+            if len(pts) >= cal + 3:
+                yield label, pts
+
+
+def main() -> None:
+    args = split_parser(__doc__, 4, "validate's --configs").parse_args()
     head = "  ".join(f"{m:>15s}" for m in MODELS)
     for stat in args.stat.split(","):
         print(f"\n== statistic {stat}: calibrate on {args.cal}, score the rest, {args.splits} random splits; "
@@ -118,16 +131,13 @@ def main() -> None:
         print(f"{'results':58s} {'n':>3s}  {head}")
         totals = {m: [0.0, 0.0] for m in MODELS}
         count = 0
-        for wd in args.workdir:
-            for label, pts in groups(wd, stat):
-                if len(pts) < args.cal + 3:
-                    continue
-                res = score(pts, args.cal, args.splits)
-                count += 1
-                for m, (a, b) in res.items():
-                    totals[m][0] += a
-                    totals[m][1] += b
-                print(f"{label[:58]:58s} {len(pts):3d}  " + "  ".join(f"{a:6.0%} / {b:5.0%}" for a, b in res.values()))
+        for label, pts in result_sets(args.workdir, stat, args.cal):
+            res = score(pts, args.cal, args.splits)
+            count += 1
+            for m, (a, b) in res.items():
+                totals[m][0] += a
+                totals[m][1] += b
+            print(f"{label[:58]:58s} {len(pts):3d}  " + "  ".join(f"{a:6.0%} / {b:5.0%}" for a, b in res.values()))
         if count:
             print(f"{'mean over ' + str(count) + ' result sets':58s} {'':3s}  "
                   + "  ".join(f"{a / count:6.0%} / {b / count:5.0%}" for a, b in totals.values()))

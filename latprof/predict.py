@@ -515,9 +515,9 @@ def predict(table, model: str, schedule: TokenSchedule, overhead: Overhead | Non
     hi = math.sqrt(sum(b * b for _, b in groups.values()))
     calls = len(out)
     fix = overhead.apply if overhead else (lambda v, c: v)
-    corr = fix(total, calls) - total
-    k = overhead.scale * overhead.drift if overhead else 1.0
     value = fix(total, calls)
+    corr = value - total
+    k = overhead.scale * overhead.drift if overhead else 1.0
     scatter = overhead.scatter_half() * value if overhead else 0.0
     return Prediction(model, engine, tuning, tuple(schedule.kept), schedule.block_tokens(), out, total, corr,
                       value - k * lo, value + k * hi, fix(sum(u.q1_ms for u in out), calls),
