@@ -18,7 +18,7 @@ import statistics
 import sys
 
 from latprof.errors import run_script
-from latprof.predict import calibration_scatter, fit_overhead
+from latprof.predict import fit_overhead
 from overhead_fit import result_sets, split_parser
 
 
@@ -31,7 +31,7 @@ def coverage(pts, k: int, splits: int, seed: int = 0) -> tuple[float, float, flo
         cal, test = [pts[i] for i in idx[:k]], [pts[i] for i in idx[k:]]
         oh = fit_overhead([x for x, _, _ in cal], [y / d for _, y, d in cal], 1)
         oh.drift = statistics.median(d for _, _, d in cal)
-        oh.rel_sd = calibration_scatter([oh.apply(x, 1) for x, _, _ in cal], [y for _, y, _ in cal], oh.dof)
+        oh.rel_sd = oh.measured_scatter([x for x, _, _ in cal], [y for _, y, _ in cal], 1)
         half = oh.scatter_half()
         halves.append(half)
         for x, y, _ in test:

@@ -238,6 +238,11 @@ class Overhead:
             return 0.0
         return t975(self.dof) * self.rel_sd * math.sqrt(1 + 1 / self.n_configs)
 
+    def measured_scatter(self, sums_ms, measured_ms, calls: int) -> float:
+        """`calibration_scatter` of what this overhead predicts from the sums against the end to end as
+        measured: the machine's moves around the calibration's drift included."""
+        return calibration_scatter([self.apply(x, calls) for x in sums_ms], measured_ms, self.dof)
+
 
 # Student's t, two-sided 95%, by degrees of freedom (scipy is not a dependency); past 10 the
 # Cornish-Fisher expansion around the normal quantile is within 0.05% of it.
@@ -276,20 +281,18 @@ def fit_overhead(sums_ms, measured_ms, calls: int, per_call_ms: float = 0.0, **m
     w = [1 / y ** 2 for y in ys]  # relative error: (pred - y) / y
     sw, swx, swy = sum(w), sum(a * x for a, x in zip(w, xs)), sum(a * y for a, y in zip(w, ys))
     swxx, swxy = sum(a * x * x for a, x in zip(w, xs)), sum(a * x * y for a, x, y in zip(w, xs, ys))
-    fits = [(swxy / swxx, 0.0), (1.0, max(0.0, (swy - swx) / sw))]  # pure scale, pure constant
+    fits = [(swxy / swxx, 0.0, 1), (1.0, max(0.0, (swy - swx) / sw), 1)]  # pure scale, pure constant: one term each
     det = sw * swxx - swx * swx
     if det > 1e-12 * sw * swxx:  # the sums differ: a free line is defined
         scale = (sw * swxy - swx * swy) / det
         residual = (swy - scale * swx) / sw
         if residual >= 0 and scale >= 1:
-            fits.append((scale, residual))
+            fits.append((scale, residual, 2))
 
     def sse(f):
         return sum((f[0] * x + f[1] - y) ** 2 * a for a, x, y in zip(w, xs, ys))
 
-    best = min(range(len(fits)), key=lambda i: sse(fits[i]))
-    scale, residual = fits[best]
-    terms = 2 if best == 2 else 1  # the free line fits two terms, the pure scale or constant one
+    scale, residual, terms = min(fits, key=sse)
     spread = statistics.median(abs((scale * x + residual) / y - 1) for x, y in zip(xs, ys))
     dof = max(0, len(xs) - terms)
     meta.setdefault("rel_sd", calibration_scatter([scale * x + residual for x in xs], ys, dof))

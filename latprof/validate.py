@@ -45,7 +45,7 @@ from pathlib import Path
 
 from latprof.errors import LutError, UsageError
 from latprof.measure.samples import append_line
-from latprof.predict import (Overhead, calibration_scatter, fit_overhead, parse_stat, predict, read_overhead, sample_stat, schedule_of,
+from latprof.predict import (Overhead, fit_overhead, parse_stat, predict, read_overhead, sample_stat, schedule_of,
                              table_statistic, unit_tokens, write_overhead)
 from latprof.schedule import TokenSchedule
 
@@ -658,8 +658,7 @@ def validate(device, model: str, lut, configs: int = 20, seed: int = 0, workdir=
                                 drift=statistics.median(c.drift for c in results) if all(c.drift for c in results) else 1.0)
         # the scatter a new schedule's interval carries is that of the end to end as measured, the machine's
         # moves around the calibration's drift included, not that of the drift-corrected figures it was fitted on
-        overhead.rel_sd = calibration_scatter([overhead.apply(c.sum_ms, calls) for c in results],
-                                              [c.measured_ms for c in results], overhead.dof)
+        overhead.rel_sd = overhead.measured_scatter([c.sum_ms for c in results], [c.measured_ms for c in results], calls)
         if lut_path:
             write_overhead(lut_path, overhead)
         for c, s in zip(results, schedules):  # in-sample: what the new sidecar predicts for the calibration schedules
