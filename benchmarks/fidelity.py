@@ -63,11 +63,11 @@ def evaluate(args, device, lut, res, table, threads, loads, tag: str = "") -> li
             overhead_path(lut, args.model).unlink()
         t1 = time.time()
         cal = validate(device, args.model, lut, configs=args.cal_configs, seed=args.seed + 1, workdir=wd, calibrate=True, stat=stat,
-                       plot=wd / f"calibration{tag}-{stat}.png", progress=False, echo=lambda *a: None,
+                       plot=wd / f"calibration{tag}-{stat}.png", progress=not args.quiet, echo=lambda *a: None,
                        on_grid=args.on_grid, alongside=args.configs if args.interleave else 0, alongside_seed=args.seed)
         loads.append(os.getloadavg()[0])
         val = validate(device, args.model, lut, configs=args.configs, seed=args.seed, workdir=wd, stat=stat,
-                       plot=wd / f"validation{tag}-{stat}.png", progress=False, echo=lambda *a: None,
+                       plot=wd / f"validation{tag}-{stat}.png", progress=not args.quiet, echo=lambda *a: None,
                        on_grid=args.on_grid)
         loads.append(os.getloadavg()[0])
         oh = cal.overhead
@@ -154,6 +154,8 @@ def main(argv=None) -> int:
     ap.add_argument("--trials", type=int, default=None, help="TVM MetaSchedule trials per task (0 = untuned; "
                     "default: the --device config's, 0 for the generated one)")
     ap.add_argument("--workdir", type=Path, default=Path("latprof-work-fidelity"))
+    ap.add_argument("--quiet", action="store_true", help="no progress bars on stderr (in a log file they redraw "
+                    "every 30 s; a tuned run builds its table for half an hour before printing a result)")
     ap.add_argument("--stats", default="median,min", help="sample statistics to evaluate (the measurements are shared)")
     ap.add_argument("--on-grid", action="store_true", help="schedules among the solver's kept counts (blocks at "
                     "the table's token counts), as `train` picks them")
@@ -182,7 +184,7 @@ def main(argv=None) -> int:
     if args.grid is None and get_model(args.model).layout is None:
         args.grid = DEFAULT_GRID
     grid = [int(v) for v in args.grid.split(",")] if args.grid else None
-    res = measure(device, args.model, grid, workdir=wd, progress=False,
+    res = measure(device, args.model, grid, workdir=wd, progress=not args.quiet,
                   trials=args.trials if args.engine == "tvm" else None, echo=lambda *a: print(*a, file=sys.stderr))
     lut = wd / "luts" / f"{res.device}.csv"
     table = build_and_write(res.store, lut, engine=res.engine)
@@ -206,7 +208,7 @@ def main(argv=None) -> int:
         counts = table_tokens(get_model(args.model), table.model_frame(args.model))
         if args.schedule_counts:
             counts = with_schedule_counts(counts, get_model(args.model), kept_lists)
-        res = measure(device, args.model, counts, workdir=wd, progress=False, store=wd / "samples" / f"{res.device}-{stamp}.jsonl",
+        res = measure(device, args.model, counts, workdir=wd, progress=not args.quiet, store=wd / "samples" / f"{res.device}-{stamp}.jsonl",
                       trials=args.trials if args.engine == "tvm" else None, echo=lambda *a: print(*a, file=sys.stderr))
         lut = wd / "luts" / f"{res.device}-{stamp}.csv"
         table = build_and_write(res.store, lut, engine=res.engine)
